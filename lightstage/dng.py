@@ -25,6 +25,7 @@ IEC 61966-2-1 (sRGB): the Rec.709/D65 <-> XYZ matrices.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -255,7 +256,7 @@ def encode_dng(cfa: np.ndarray, meta: DNGMetadata) -> bytes:
     return head + pix.tobytes()
 
 
-def write_dng(path: str | Path, cfa: np.ndarray, meta: DNGMetadata) -> Path:
+def write_dng(path: str | Path, cfa: np.ndarray, meta: DNGMetadata) -> str:
     """Write a CFA mosaic as an uncompressed DNG.
 
     Parameters
@@ -268,14 +269,18 @@ def write_dng(path: str | Path, cfa: np.ndarray, meta: DNGMetadata) -> Path:
 
     Returns
     -------
-    The path written.
+    str
+        SHA-256 (hex) of the bytes written, computed on the fly (no re-read), for manifests.
     """
     path = Path(path)
     cfa = _validate(np.asarray(cfa), meta)
     head, pix = _layout(cfa, meta)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    body = memoryview(pix).cast("B")  # no extra copy of the pixels
+    digest = hashlib.sha256(head)
+    digest.update(body)
     with open(tmp, "wb") as f:
         f.write(head)
-        f.write(memoryview(pix).cast("B"))  # no extra copy of the pixels
+        f.write(body)
     os.replace(tmp, path)
-    return path
+    return digest.hexdigest()

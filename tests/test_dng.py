@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import rawpy
@@ -29,7 +31,9 @@ def test_rawpy_reads_bit_exact(tmp_path, pattern):
     cm, neutral = colour_tags_from_response(RESPONSE)
     meta = DNGMetadata(pattern, black_level=64, white_level=4095, exposure_time=1 / 240,
                        f_number=5.6, iso=200, colour_matrix1=cm, as_shot_neutral=neutral)
-    p = write_dng(tmp_path / "x.dng", a, meta)
+    p = tmp_path / "x.dng"
+    digest = write_dng(p, a, meta)
+    assert digest == hashlib.sha256(p.read_bytes()).hexdigest()
     with rawpy.imread(str(p)) as r:
         assert np.array_equal(r.raw_image, a)
         assert r.raw_image.dtype == np.uint16
@@ -56,7 +60,8 @@ def test_rawpy_reads_bit_exact(tmp_path, pattern):
 def test_tifffile_sees_dng_and_exif_tags(tmp_path):
     a = _mosaic(40, 50)
     cm, neutral = colour_tags_from_response(RESPONSE)
-    p = write_dng(tmp_path / "y.dng", a, DNGMetadata("BGGR", 256, 16383, 1 / 60, 8.0, 400, cm, neutral))
+    p = tmp_path / "y.dng"
+    write_dng(p, a, DNGMetadata("BGGR", 256, 16383, 1 / 60, 8.0, 400, cm, neutral))
     with tifffile.TiffFile(p) as t:
         page = t.pages[0]
         assert np.array_equal(page.asarray(), a)
@@ -120,7 +125,8 @@ def test_real_dng_rewritten_reads_identically(real_data, tmp_path):
         white = int(r.white_level)
         wb = np.asarray(r.camera_whitebalance[:3], dtype=np.float64)
     meta = DNGMetadata(pattern, black, white, 1 / 50, 2.9, 100, None, wb[1] / wb)
-    p = write_dng(tmp_path / "face.dng", raw, meta)
+    p = tmp_path / "face.dng"
+    write_dng(p, raw, meta)
     with rawpy.imread(str(p)) as r:
         assert np.array_equal(r.raw_image, raw)
         assert r.white_level == white
