@@ -1,0 +1,618 @@
+"""Calibration targets for the digital twin, and the calibration capture plan.
+
+Every target implements the twin's ``Scene`` protocol (duck-typed; see
+:mod:`lightstage.twin.scene`)::
+
+    scene.radiance(camera, light_positions (N,3), light_rgb (N,3), pose=None, distant=False)
+        -> (H, W, 3) float32 linear Rec.709 radiance (sum over the lights)
+    scene.truth(camera, pose=None) -> dict(mask, depth, normal, albedo, position)
+
+Lights are point sources: the irradiance at x is ``rgb * max(0, n.l) / |p - x|^2`` with
+``rgb = colour * intensity`` (radiant intensity). With ``distant=True`` the positions are unit
+directions and the irradiance is ``rgb * max(0, n.l)``.
+
+Targets (all in metres, world frame of ``docs/conventions.md``: y up, origin rig centre):
+
+* :class:`PlanarTarget`: a Lambertian plane carrying an albedo texture. Used for the
+  ColorChecker 24 chart (:func:`colorchecker_texture`), the white card that flat-fields the
+  chart's illumination, and the ChArUco board (:func:`charuco_texture`, OpenCV's own
+  ``CharucoBoard.generateImage``). Board frame = OpenCV's board frame: origin at the top-left
+  corner, x along columns, y along rows, z into the board; the printed face looks along -z.
+* :class:`SphereTarget`: a white Lambertian sphere, or a chrome (mirror) sphere. A point light
+  seen in the mirror is a small emitting disc of radius ``light_radius`` and radiance
+  ``rgb / (pi light_radius^2)``, so each highlight is a small bright disc whose centre is the
+  ideal mirror reflection of the light's centre. ``ambient`` adds a uniform dim dome reflected
+  by the mirror so the ball's silhouette is visible (a real ball is seen against the stage).
+* :class:`UniformEmitter`: a diffuser of known radiance filling the view (flat field).
+
+Images are anti-aliased by ``supersample`` x ``supersample`` rays per pixel (corner, edge and
+highlight positions must be sub-pixel exact for calibration to be tested against truth).
+
+:func:`calibration_plan` lists the shots a calibration capture takes. Each shot's ``truth``
+dict is JSON-able and has two parts: ``truth["known"]`` holds what a real stage *knows* about
+its equipment (chart type and layout, board geometry, the reference-board fixture pose that
+defines the world frame, sphere radii and albedo, the certified radiance of the flat-field
+source); everything else is ground truth that only tests may read.
+
+References
+----------
+McCamy, C. S., Marcus, H., Davidson, J. G. (1976). A color-rendition chart. J. Appl. Photogr.
+    Eng. 2(3). (ColorChecker layout; reference values from colour-science.)
+Garrido-Jurado, S. et al. (2014). Automatic generation and detection of highly reliable
+    fiducial markers under occlusion. Pattern Recognition 47(6). (ArUco/ChArUco.)
+Debevec, P. (1998). Rendering synthetic objects into real scenes. SIGGRAPH. (Mirror balls.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..camera import pixel_rays, undistort_normalised
+from ..rig import Camera, Rig, look_at
+
+__all__ = [
+    "CalibrationShot",
+    "PlanarTarget",
+    "SphereTarget",
+    "UniformEmitter",
+    "BoardSpec",
+    "ChartSpec",
+    "colorchecker_reference",
+    "colorchecker_texture",
+    "charuco_board",
+    "charuco_texture",
+    "board_pose",
+    "calibration_plan",
+    "DEFAULT_BOARD",
+    "DEFAULT_CHART",
+]
+
+
+# ---- specs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoardSpec:
+    """A ChArUco board: ``squares`` = (columns, rows), lengths in metres, OpenCV dictionary."""
+
+    squares: tuple[int, int] = (9, 7)
+    square: float = 0.028
+    marker: float = 0.021
+    dictionary: str = "DICT_4X4_50"
+
+    @property
+    def size(self) -> tuple[float, float]:
+        """(width, height) in metres."""
+        return self.squares[0] * self.square, self.squares[1] * self.square
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"squares": list(self.squares), "square": self.square, "marker": self.marker,
+                "dictionary": self.dictionary}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BoardSpec":
+        return cls(tuple(int(v) for v in d["squares"]), float(d["square"]), float(d["marker"]),
+                   str(d["dictionary"]))
+
+
+@dataclass(frozen=True)
+class ChartSpec:
+    """ColorChecker 24 layout: 6 x 4 patches, ``pitch`` between patch centres, square
+    ``patch`` side, ``margin`` of dark frame around the patch grid (metres)."""
+
+    pitch: float = 0.042
+    patch: float = 0.035
+    margin: float = 0.012
+    frame_albedo: float = 0.03
+    reference: str = "ColorChecker24 - After November 2014"
+
+    @property
+    def size(self) -> tuple[float, float]:
+        gap = self.pitch - self.patch
+        return 6 * self.pitch - gap + 2 * self.margin, 4 * self.pitch - gap + 2 * self.margin
+
+    def patch_centres(self) -> np.ndarray:
+        """(24, 2) patch centres in chart coordinates (x right, y down, metres), row-major
+        from the top-left patch ('dark skin')."""
+        off = self.margin + self.patch / 2
+        j, i = np.meshgrid(np.arange(6), np.arange(4))
+        return np.stack([off + j.ravel() * self.pitch, off + i.ravel() * self.pitch], axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pitch": self.pitch, "patch": self.patch, "margin": self.margin,
+                "frame_albedo": self.frame_albedo, "reference": self.reference}
+
+
+DEFAULT_BOARD = BoardSpec()
+DEFAULT_CHART = ChartSpec()
+
+
+def colorchecker_reference(name: str = DEFAULT_CHART.reference) -> np.ndarray:
+    """(24, 3) patch reflectances in linear Rec.709 (D65), row-major from 'dark skin'.
+
+    colour-science's xyY values (D50, ICC) are chromatically adapted to D65 with Bradford.
+    One patch (cyan) is slightly outside Rec.709 (negative red); the value is kept as is so
+    the twin and the calibration agree on one linear reference.
+    """
+    import colour
+
+    cc = colour.CCS_COLOURCHECKERS[name]
+    XYZ = colour.xyY_to_XYZ(np.array(list(cc.data.values()), dtype=np.float64))
+    return colour.XYZ_to_RGB(XYZ, colour.RGB_COLOURSPACES["sRGB"], illuminant=cc.illuminant,
+                             chromatic_adaptation_transform="Bradford")
+
+
+def colorchecker_texture(spec: ChartSpec = DEFAULT_CHART, px_per_m: float = 4000.0) -> np.ndarray:
+    """(h, w, 3) float32 albedo texture of the chart (dark frame + 24 patches)."""
+    W, H = spec.size
+    w, h = int(round(W * px_per_m)), int(round(H * px_per_m))
+    tex = np.full((h, w, 3), spec.frame_albedo, dtype=np.float32)
+    ref = colorchecker_reference(spec.reference)
+    half = spec.patch / 2
+    for k, (cx, cy) in enumerate(spec.patch_centres()):
+        x0, x1 = int(round((cx - half) * px_per_m)), int(round((cx + half) * px_per_m))
+        y0, y1 = int(round((cy - half) * px_per_m)), int(round((cy + half) * px_per_m))
+        tex[y0:y1, x0:x1] = ref[k]
+    return tex
+
+
+def charuco_board(spec: BoardSpec = DEFAULT_BOARD):
+    """The OpenCV ``CharucoBoard`` of a spec."""
+    import cv2
+
+    d = cv2.aruco.getPredefinedDictionary(getattr(cv2.aruco, spec.dictionary))
+    return cv2.aruco.CharucoBoard(tuple(spec.squares), spec.square, spec.marker, d)
+
+
+def charuco_texture(spec: BoardSpec = DEFAULT_BOARD, px_per_square: int = 240,
+                    white: float = 0.85, black: float = 0.04) -> np.ndarray:
+    """(h, w, 3) float32 albedo texture: OpenCV's ``generateImage`` mapped to printed paper
+    (``white``) and ink (``black``) reflectances."""
+    img = charuco_board(spec).generateImage(
+        (spec.squares[0] * px_per_square, spec.squares[1] * px_per_square), marginSize=0,
+        borderBits=1)
+    a = black + (white - black) * (img.astype(np.float32) / 255.0)
+    return np.repeat(a[..., None], 3, axis=2)
+
+
+# ---- rays ------------------------------------------------------------------------------------
+
+
+def _window_rays(camera: Camera, window, dx: float = 0.0, dy: float = 0.0):
+    """World ray origin (3,) and unit directions (h, w, 3) through pixels (u + dx, v + dy) of
+    the window ``(y0, y1, x0, x1)``, lens distortion undone (as :func:`pixel_rays`)."""
+    y0, y1, x0, x1 = window
+    K = camera.K_array
+    c2w = camera.cam2world_array
+    v, u = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+    y = (v + dy - K[1, 2]) / K[1, 1]
+    x = (u + dx - K[0, 2] - K[0, 1] * y) / K[0, 0]
+    xy = undistort_normalised(np.stack([x, y], axis=-1), camera.distortion)
+    d = np.concatenate([xy, np.ones_like(xy[..., :1])], axis=-1) @ c2w[:3, :3].T
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    return c2w[:3, 3].copy(), d
+
+
+def _subpixel_rays(camera: Camera, ss: int, window=None):
+    """Yield (origin (3,), directions (h, w, 3)) for ss x ss sub-pixel offsets over
+    ``window`` (y0, y1, x0, x1; default the whole image)."""
+    H, W = camera.resolution
+    window = (0, H, 0, W) if window is None else window
+    offs = (np.arange(ss) + 0.5) / ss - 0.5
+    for dy in offs:
+        for dx in offs:
+            yield _window_rays(camera, window, dx, dy)
+
+
+def _bbox(mask: np.ndarray, pad: int = 2):
+    """(y0, y1, x0, x1) of a mask grown by ``pad`` pixels, or None if empty."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    H, W = mask.shape
+    return (max(ys.min() - pad, 0), min(ys.max() + 1 + pad, H),
+            max(xs.min() - pad, 0), min(xs.max() + 1 + pad, W))
+
+
+def _irradiance(x: np.ndarray, n: np.ndarray, light_positions, light_rgb, distant: bool):
+    """RGB irradiance (..., 3) at points x (..., 3) with normals n (..., 3)."""
+    E = np.zeros(x.shape[:-1] + (3,), dtype=np.float64)
+    for p, rgb in zip(np.asarray(light_positions, np.float64), np.asarray(light_rgb, np.float64)):
+        if distant:
+            l = np.broadcast_to(p / np.linalg.norm(p), x.shape)
+            cos = np.einsum("...i,...i->...", n, l)
+            E += np.clip(cos, 0, None)[..., None] * rgb
+        else:
+            v = p - x
+            d2 = np.einsum("...i,...i->...", v, v)
+            cos = np.einsum("...i,...i->...", n, v) / np.sqrt(d2)
+            E += (np.clip(cos, 0, None) / d2)[..., None] * rgb
+    return E
+
+
+def _compose(pose, obj2world):
+    return obj2world if pose is None else np.asarray(pose, np.float64) @ obj2world
+
+
+# ---- targets ---------------------------------------------------------------------------------
+
+
+class PlanarTarget:
+    """Lambertian textured plane.
+
+    Parameters
+    ----------
+    texture : (h, w, 3) albedo texture covering the plane, row 0 at the top (board y = 0)
+    size : (width, height) of the plane in metres
+    board2world : (4, 4) pose of the board frame (origin top-left, x cols, y rows, z into it)
+    supersample : rays per pixel per axis
+    """
+
+    def __init__(self, texture: np.ndarray, size: tuple[float, float], board2world: np.ndarray,
+                 supersample: int = 3):
+        self.texture = np.ascontiguousarray(texture, dtype=np.float32)
+        self.size = (float(size[0]), float(size[1]))
+        self.board2world = np.asarray(board2world, dtype=np.float64)
+        self.supersample = int(supersample)
+
+    def _hit(self, origin, d, b2w):
+        R, t = b2w[:3, :3], b2w[:3, 3]
+        z = R[:, 2]
+        denom = d @ z
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = ((t - origin) @ z) / denom
+        x = origin + s[..., None] * d
+        local = (x - t) @ R  # board coordinates
+        # only the printed face (normal -z) is visible
+        ok = (s > 0) & (denom > 1e-9) & (local[..., 0] >= 0) & (local[..., 0] <= self.size[0]) \
+            & (local[..., 1] >= 0) & (local[..., 1] <= self.size[1])
+        return ok, x, local, s
+
+    def _albedo(self, local, ok):
+        import cv2
+
+        h, w = self.texture.shape[:2]
+        # texel centres at integer coordinates (OpenCV), texture spans the board exactly
+        mx = (local[..., 0] * (w / self.size[0]) - 0.5).astype(np.float32)
+        my = (local[..., 1] * (h / self.size[1]) - 0.5).astype(np.float32)
+        a = cv2.remap(self.texture, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return np.where(ok[..., None], a, 0.0)
+
+    def radiance(self, camera: Camera, light_positions, light_rgb, pose=None, distant=False):
+        b2w = _compose(pose, self.board2world)
+        n = -b2w[:3, 2]
+        H, W = camera.resolution
+        out = np.zeros((H, W, 3), dtype=np.float32)
+        origin, d = pixel_rays(camera.K_array, camera.distortion, camera.cam2world_array, H, W)
+        ok0, x, _, _ = self._hit(origin, d, b2w)
+        win = _bbox(ok0)
+        if win is None:
+            return out
+        y0, y1, x0, x1 = win
+        acc = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.float64)
+        for o, dd in _subpixel_rays(camera, self.supersample, win):
+            ok, _, local, _ = self._hit(o, dd, b2w)
+            acc += self._albedo(local, ok)
+        acc /= self.supersample ** 2
+        # irradiance is smooth over a pixel: evaluate it once, at the pixel-centre hit point
+        xw = np.nan_to_num(x[y0:y1, x0:x1])
+        E = _irradiance(xw, np.broadcast_to(n, xw.shape), light_positions, light_rgb, distant)
+        out[y0:y1, x0:x1] = acc * E / math.pi
+        return out
+
+    def truth(self, camera: Camera, pose=None) -> dict[str, np.ndarray]:
+        b2w = _compose(pose, self.board2world)
+        H, W = camera.resolution
+        origin, d = pixel_rays(camera.K_array, camera.distortion, camera.cam2world_array, H, W)
+        ok, x, local, s = self._hit(origin, d, b2w)
+        zc = d @ camera.cam2world_array[:3, 2]
+        return {
+            "mask": ok,
+            "depth": np.where(ok, s * zc, 0.0).astype(np.float32),
+            "normal": np.where(ok[..., None], -b2w[:3, 2], 0.0).astype(np.float32),
+            "albedo": self._albedo(local, ok).astype(np.float32),
+            "position": np.where(ok[..., None], x, 0.0).astype(np.float32),
+        }
+
+
+class SphereTarget:
+    """A white Lambertian (``kind='diffuse'``) or mirror (``kind='chrome'``) sphere.
+
+    Parameters
+    ----------
+    centre : (3,) world position (m); radius : m
+    kind : 'diffuse' | 'chrome'
+    albedo : Lambertian albedo, or the mirror's (spectrally flat) reflectance
+    light_radius : radius (m) of each light's emitting disc as seen in the mirror
+    ambient : radiance of a uniform dome reflected by the mirror (0 for none)
+    """
+
+    def __init__(self, centre, radius: float, kind: str = "diffuse", albedo: float = 0.8,
+                 light_radius: float = 0.05, ambient: float = 0.0, supersample: int = 4):
+        if kind not in ("diffuse", "chrome"):
+            raise ValueError(f"sphere kind must be 'diffuse' or 'chrome', got {kind!r}")
+        self.centre = np.asarray(centre, dtype=np.float64)
+        self.radius = float(radius)
+        self.kind = kind
+        self.albedo = float(albedo)
+        self.light_radius = float(light_radius)
+        self.ambient = float(ambient)
+        self.supersample = int(supersample)
+        self._cache: dict = {}
+
+    def _hit(self, origin, d, c):
+        oc = origin - c
+        b = d @ oc
+        disc = b * b - (oc @ oc - self.radius ** 2)
+        ok = disc > 0
+        s = -b - np.sqrt(np.clip(disc, 0, None))
+        ok &= s > 0
+        x = origin + s[..., None] * d
+        n = (x - c) / self.radius
+        return ok, x, n, s
+
+    def _shade(self, d, ok, x, n, light_positions, light_rgb, distant):
+        if self.kind == "diffuse":
+            E = _irradiance(x, n, light_positions, light_rgb, distant)
+            L = self.albedo / math.pi * E
+        else:
+            r = d - 2 * np.einsum("...i,...i->...", d, n)[..., None] * n
+            L = np.full(x.shape, self.ambient * self.albedo, dtype=np.float64)
+            area = math.pi * self.light_radius ** 2
+            for p, rgb in zip(np.asarray(light_positions, np.float64),
+                              np.asarray(light_rgb, np.float64)):
+                if distant:
+                    l = p / np.linalg.norm(p)
+                    cosr = r @ l
+                    hit = cosr > math.cos(self.light_radius)  # radius read as an angle
+                    Lrad = rgb / (math.pi * self.light_radius ** 2)
+                else:
+                    v = p - x
+                    dist = np.linalg.norm(v, axis=-1)
+                    cosr = np.einsum("...i,...i->...", r, v) / dist
+                    # the ray from x hits the disc facing x iff it passes within light_radius
+                    hit = (cosr > 0) & (dist * np.sqrt(np.clip(1 - cosr ** 2, 0, None))
+                                        < self.light_radius)
+                    Lrad = rgb / area
+                L += hit[..., None] * (self.albedo * Lrad)
+        return np.where(ok[..., None], L, 0.0)
+
+    def _geometry(self, camera: Camera, c: np.ndarray):
+        """Window and per-subsample (d, ok, x, n) of a camera, cached: a sphere is rendered
+        once per light from the same few cameras, and the rays dominate the cost."""
+        key = (camera.name, camera.K_array.tobytes(), camera.cam2world_array.tobytes(),
+               np.asarray(camera.distortion, np.float64).tobytes(), c.tobytes())
+        if key not in self._cache:
+            H, W = camera.resolution
+            origin, d0 = pixel_rays(camera.K_array, camera.distortion, camera.cam2world_array, H, W)
+            win = _bbox(self._hit(origin, d0, c)[0])
+            samples = []
+            if win is not None:
+                for o, dd in _subpixel_rays(camera, self.supersample, win):
+                    ok, x, n, _ = self._hit(o, dd, c)
+                    samples.append((dd, ok, x, n))
+            if len(self._cache) > 8:
+                self._cache.clear()
+            self._cache[key] = (win, samples)
+        return self._cache[key]
+
+    def radiance(self, camera: Camera, light_positions, light_rgb, pose=None, distant=False):
+        c = self.centre if pose is None else (np.asarray(pose) @ np.append(self.centre, 1))[:3]
+        H, W = camera.resolution
+        out = np.zeros((H, W, 3), dtype=np.float32)
+        lp = np.asarray(light_positions, np.float64).reshape(-1, 3)
+        lr = np.asarray(light_rgb, np.float64).reshape(-1, 3)
+        # only the sphere's bounding box is traced: the rest of the image is black
+        win, samples = self._geometry(camera, c)
+        if win is None:
+            return out
+        y0, y1, x0, x1 = win
+        acc = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.float64)
+        for dd, ok, x, n in samples:
+            acc += self._shade(dd, ok, x, n, lp, lr, distant)
+        out[y0:y1, x0:x1] = acc / self.supersample ** 2
+        return out
+
+    def truth(self, camera: Camera, pose=None) -> dict[str, np.ndarray]:
+        c = self.centre if pose is None else (np.asarray(pose) @ np.append(self.centre, 1))[:3]
+        H, W = camera.resolution
+        origin, d = pixel_rays(camera.K_array, camera.distortion, camera.cam2world_array, H, W)
+        ok, x, n, s = self._hit(origin, d, c)
+        zc = d @ camera.cam2world_array[:3, 2]
+        return {
+            "mask": ok,
+            "depth": np.where(ok, s * zc, 0.0).astype(np.float32),
+            "normal": np.where(ok[..., None], n, 0.0).astype(np.float32),
+            "albedo": np.where(ok[..., None], self.albedo, 0.0).astype(np.float32),
+            "position": np.where(ok[..., None], x, 0.0).astype(np.float32),
+        }
+
+
+class UniformEmitter:
+    """A diffuser of known, uniform radiance filling the whole view (flat-field source).
+
+    The lights are ignored: the source is self-luminous (an integrating sphere port or a
+    light box right in front of the lens)."""
+
+    def __init__(self, radiance_rgb=(1.0, 1.0, 1.0)):
+        self.radiance_rgb = np.asarray(radiance_rgb, dtype=np.float64)
+
+    def radiance(self, camera: Camera, light_positions=None, light_rgb=None, pose=None,
+                 distant=False):
+        H, W = camera.resolution
+        return np.broadcast_to(self.radiance_rgb.astype(np.float32), (H, W, 3)).copy()
+
+    def truth(self, camera: Camera, pose=None) -> dict[str, np.ndarray]:
+        H, W = camera.resolution
+        return {"mask": np.ones((H, W), bool), "depth": np.full((H, W), 0.05, np.float32),
+                "normal": np.broadcast_to(-camera.cam2world_array[:3, 2], (H, W, 3)).astype(np.float32),
+                "albedo": np.zeros((H, W, 3), np.float32),
+                "position": np.zeros((H, W, 3), np.float32)}
+
+
+# ---- the plan --------------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationShot:
+    """One calibration shot: a scene, the lights on, the cameras that record it, the exposure
+    bracket (s, longest first) and JSON-able ``truth`` (``truth['kind']`` names the target;
+    ``truth['known']`` is what a real stage knows; the rest is ground truth)."""
+
+    name: str
+    scene: Any
+    lights: list[int]
+    cameras: list[str]
+    exposures: list[float]
+    truth: dict = field(default_factory=dict)
+
+
+def board_pose(centre, facing, roll_deg: float = 0.0, size=(0.0, 0.0)) -> np.ndarray:
+    """board2world (4, 4) of a board whose centre is ``centre`` and whose printed face looks
+    along ``facing``; at roll 0 the board's rows run along world -y (upright)."""
+    facing = np.asarray(facing, np.float64) / np.linalg.norm(facing)
+    centre = np.asarray(centre, np.float64)
+    # look_at gives x right, y down, z forward for a camera looking along -facing: exactly the
+    # board frame (z into the board)
+    m = look_at(centre + facing, centre)
+    a = math.radians(roll_deg)
+    Rr = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    m[:3, :3] = m[:3, :3] @ Rr
+    m[:3, 3] = centre - m[:3, :3] @ np.array([size[0] / 2, size[1] / 2, 0.0])
+    return m
+
+
+def _dir(yaw_deg, pitch_deg):
+    y, p = math.radians(yaw_deg), math.radians(pitch_deg)
+    return np.array([math.sin(y) * math.cos(p), math.sin(p), math.cos(y) * math.cos(p)])
+
+
+def _exposure(rig: Rig, cameras, peak_rgb, level: float) -> float:
+    """Longest exposure at which ``peak_rgb`` radiance reaches at most ``level`` of full scale
+    in every listed camera (before vignetting, which only darkens)."""
+    t = np.inf
+    for name in cameras:
+        s = rig.camera(name).sensor
+        cam = np.asarray(s.colour_response) @ np.asarray(peak_rgb, np.float64)
+        t = min(t, level * s.full_scale / (s.gain * max(float(cam.max()), 1e-12)))
+    return float(t)
+
+
+def _pick(names: list[str], k: int) -> list[str]:
+    """k names spread evenly over the list (first and last included)."""
+    if k >= len(names):
+        return list(names)
+    idx = np.round(np.linspace(0, len(names) - 1, k)).astype(int)
+    return [names[i] for i in sorted(set(idx))]
+
+
+def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
+                     chart: ChartSpec = DEFAULT_CHART, n_board_poses: int = 12,
+                     sphere_radius: float = 0.075, chrome_cameras: int = 3,
+                     diffuse_cameras: int = 2, lights: list[int] | None = None,
+                     cameras: list[str] | None = None, supersample: int = 3) -> list[CalibrationShot]:
+    """The shots of a calibration capture of ``rig``.
+
+    Shots (``truth['kind']``): ``flat-field`` (uniform emitter, every camera), ``chart`` and
+    ``chart-card`` (ColorChecker and a white card at the same pose, lit by the frontal lights,
+    every camera), ``board`` x ``n_board_poses`` (ChArUco at various tilts; pose 0 is the
+    reference fixture that defines the world frame), ``chrome-ambient`` (mirror ball, dome
+    only), ``chrome-<light>`` and ``diffuse-<light>`` per light, ``diffuse-all`` (white ball,
+    all lights, for its silhouette).
+
+    Targets are sized for the rig: boards and charts ~0.25 m wide, placed at the rig centre
+    (the cameras' common view). ``lights`` / ``cameras`` restrict the plan (fast tests).
+    """
+    rng = np.random.default_rng(seed)
+    cams = cameras if cameras is not None else [c.name for c in rig.cameras]
+    light_ids = list(range(rig.n_lights)) if lights is None else [int(i) for i in lights]
+    lp = rig.light_positions()
+    lrgb = rig.light_rgb()
+    shots: list[CalibrationShot] = []
+
+    # flat field: a certified uniform source, D65 white (Rec.709 (1,1,1) direction)
+    L0 = [2.0, 2.0, 2.0]
+    shots.append(CalibrationShot(
+        "flat_field", UniformEmitter(L0), [], cams, [_exposure(rig, cams, L0, 0.6)],
+        {"kind": "flat-field", "known": {"radiance_rgb": L0}}))
+
+    # colour chart and the white card at the same pose, lit by the frontal lights
+    cw, ch = chart.size
+    chart_pose = board_pose([0.0, 0.0, 0.0], [0.0, 0.0, 1.0], 0.0, (cw, ch))
+    front = [i for i in range(rig.n_lights) if rig.lights[i].direction[2] > 0.3]
+    E = _irradiance(np.zeros(3), np.array([0.0, 0.0, 1.0]), lp[front], lrgb[front], False)
+    card_albedo = 0.85
+    t_chart = _exposure(rig, cams, 0.92 * E / math.pi, 0.5)
+    chart_truth = {"board2world": chart_pose.tolist(),
+                   "reference_rgb": colorchecker_reference(chart.reference).tolist()}
+    shots.append(CalibrationShot(
+        "chart", PlanarTarget(colorchecker_texture(chart), (cw, ch), chart_pose, supersample),
+        front, cams, [t_chart],
+        {"kind": "chart", "known": {"chart": chart.to_dict(), "card_shot": "chart_card"},
+         **chart_truth}))
+    shots.append(CalibrationShot(
+        "chart_card",
+        PlanarTarget(np.full((4, 4, 3), card_albedo, np.float32), (cw, ch), chart_pose, 1),
+        front, cams, [t_chart],
+        {"kind": "chart-card", "known": {"albedo": card_albedo}, **chart_truth}))
+
+    # ChArUco board poses: pose 0 = reference fixture (centred, upright, facing +z)
+    bw, bh = board.size
+    tex = charuco_texture(board)
+    poses = [board_pose([0, 0, 0], [0, 0, 1], 0.0, (bw, bh))]
+    yaws = np.linspace(-60, 60, max(n_board_poses - 1, 1))
+    rng.shuffle(yaws)
+    for k in range(1, n_board_poses):
+        yaw = float(yaws[k - 1]) + rng.uniform(-5, 5)
+        pitch = (25.0 if k % 2 else -20.0) + rng.uniform(-5, 5)
+        roll = rng.uniform(-25, 25)
+        centre = rng.uniform(-0.02, 0.02, 3)
+        poses.append(board_pose(centre, _dir(yaw, pitch), roll, (bw, bh)))
+    t_board = _exposure(rig, cams, np.full(3, 0.85) * E / math.pi, 0.5)
+    for k, P in enumerate(poses):
+        nrm = -P[:3, 2]
+        lit = [i for i in range(rig.n_lights) if rig.lights[i].direction @ nrm > 0.3]
+        known = {"board": board.to_dict()}
+        if k == 0:
+            known["board2world"] = P.tolist()  # the reference fixture defines the world
+        # cameras that see the printed face at < 70 deg
+        see = [c for c in cams if (rig.camera(c).centre - P[:3, 3]) @ nrm
+               / np.linalg.norm(rig.camera(c).centre - P[:3, 3]) > math.cos(math.radians(70))]
+        shots.append(CalibrationShot(
+            f"board_{k:02d}", PlanarTarget(tex, (bw, bh), P, supersample), lit, see, [t_board],
+            {"kind": "board", "known": known, "pose_index": k, "board2world": P.tolist()}))
+
+    # spheres on the mount at the rig centre
+    centre = [0.0, 0.0, 0.0]
+    chrome_cams = _pick(cams, chrome_cameras)
+    diffuse_cams = _pick(cams, diffuse_cameras)
+    ambient = 0.2
+    chrome = SphereTarget(centre, sphere_radius, "chrome", 0.9, 0.05, 0.0, 4)
+    chrome_amb = SphereTarget(centre, sphere_radius, "chrome", 0.9, 0.05, ambient, 2)
+    diffuse = SphereTarget(centre, sphere_radius, "diffuse", 0.8, supersample=2)
+    sph_truth = {"centre": centre, "radius": sphere_radius}
+    shots.append(CalibrationShot(
+        "chrome_ambient", chrome_amb, [], chrome_cams, [_exposure(rig, chrome_cams, [0.9 * ambient] * 3, 0.5)],
+        {"kind": "chrome-ambient", "known": {"radius": sphere_radius, "reflectance": 0.9},
+         **sph_truth}))
+    shots.append(CalibrationShot(
+        "diffuse_all", diffuse, list(range(rig.n_lights)), diffuse_cams,
+        [_exposure(rig, diffuse_cams, 0.8 / math.pi * lrgb.sum(0) / 2.25, 0.5)],
+        {"kind": "diffuse-all", "known": {"radius": sphere_radius, "albedo": 0.8}, **sph_truth}))
+    for i in light_ids:
+        d2 = float(lp[i] @ lp[i])
+        peak_spec = 0.9 * lrgb[i] / (math.pi * 0.05 ** 2)
+        peak_diff = 0.8 / math.pi * lrgb[i] / (math.sqrt(d2) - sphere_radius) ** 2
+        shots.append(CalibrationShot(
+            f"chrome_{i:03d}", chrome, [i], chrome_cams, [_exposure(rig, chrome_cams, peak_spec, 0.7)],
+            {"kind": "chrome", "known": {"radius": sphere_radius}, "light": i, **sph_truth,
+             "light_position": lp[i].tolist()}))
+        shots.append(CalibrationShot(
+            f"diffuse_{i:03d}", diffuse, [i], diffuse_cams, [_exposure(rig, diffuse_cams, peak_diff, 0.6)],
+            {"kind": "diffuse", "known": {"radius": sphere_radius, "albedo": 0.8}, "light": i,
+             **sph_truth, "light_rgb": (lrgb[i] / d2).tolist()}))
+    return shots
