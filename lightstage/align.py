@@ -1,0 +1,187 @@
+"""Motion compensation of an OLAT sequence from its fully lit tracking frames.
+
+A subject moves slightly during a capture. The stage interleaves fully lit *tracking frames*
+between OLAT frames; since every OLAT frame is lit by a single light, its appearance changes
+too much from frame to frame for direct registration, but the tracking frames all look alike.
+So, per camera:
+
+1. the reference is a central tracking frame (fewest frames away from the rest);
+2. dense optical flow ``F_j`` from the reference to every tracking frame ``j`` (OpenCV DIS on
+   a tone-mapped uint8 luminance, every frame mapped with the *reference's* tone curve so
+   brightness constancy holds), plus the backward flow for a forward-backward consistency test;
+3. an OLAT frame captured at time ``t`` between tracking frames ``a`` and ``b`` gets the flow
+   ``(1 - s) F_a + s F_b`` with ``s = (t - t_a) / (t_b - t_a)`` (motion linear in time between
+   two tracking frames, frames equally spaced in time);
+4. the OLAT image is resampled into the reference frame, ``aligned(x) = olat(x + F(x))``
+   (``cv2.remap``, bilinear), and its validity is the AND of both endpoint consistency masks,
+   the source pixel lying inside the image, and the source sample's own validity.
+
+Flow convention: ``F`` has shape ``(H, W, 2)`` (dx, dy) in pixels and maps reference pixel
+``x`` to ``x + F(x)`` in the other frame, i.e. ``ref(x) ~= other(x + F(x))``.
+
+Tone mapping here only feeds the flow estimator; the stored radiance is never tone mapped.
+
+References
+----------
+Kroeger, T., Timofte, R., Dai, D., Van Gool, L. (2016). Fast Optical Flow using Dense Inverse
+Search. ECCV.
+Sundaram, N., Brox, T., Keutzer, K. (2010). Dense point trajectories by GPU-accelerated large
+displacement optical flow. ECCV (forward-backward consistency check).
+Wenger, A. et al. (2005). Performance relighting and reflectance transformation with
+time-multiplexed illumination. SIGGRAPH (tracking frames, flow interpolated to OLAT frames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "FlowConfig",
+    "luminance",
+    "tone_u8",
+    "tone_white",
+    "compute_flow",
+    "fb_consistency",
+    "interpolate_flow",
+    "bracketing",
+    "warp",
+    "reference_index",
+]
+
+_LUMA = np.array([0.2126, 0.7152, 0.0722], np.float32)  # Rec.709 luminance weights
+
+
+@dataclass
+class FlowConfig:
+    """Optical-flow settings.
+
+    ``preset``: DIS preset name (ultrafast|fast|medium); ``fb_threshold``: forward-backward
+    error (px) above which a pixel is inconsistent (plus ``fb_relative`` x flow magnitude);
+    ``downscale``: estimate the flow on an image downscaled by this integer factor (for 4K
+    frames) and upsample it."""
+
+    preset: str = "medium"
+    fb_threshold: float = 0.5
+    fb_relative: float = 0.05
+    downscale: int = 1
+    variational_iterations: int = 5
+
+
+def luminance(rgb_planar: np.ndarray) -> np.ndarray:
+    """``(3, H, W)`` linear RGB -> ``(H, W)`` float32 Rec.709 luminance."""
+    return np.tensordot(_LUMA, np.asarray(rgb_planar, np.float32), axes=1)
+
+
+def tone_white(lum: np.ndarray) -> float:
+    """The tone curve's white point for a camera: the 99.5th percentile of the reference
+    frame's luminance (fixed for all frames of that camera)."""
+    w = float(np.percentile(lum, 99.5))
+    return w if w > 0 else float(lum.max() or 1.0)
+
+
+def tone_u8(lum: np.ndarray, white: float) -> np.ndarray:
+    """Flow-only tone map: ``255 * (Y / white) ** (1/2.2)`` clipped, uint8 (DIS takes uint8)."""
+    t = np.clip(lum / np.float32(white), 0, 1) ** np.float32(1 / 2.2)
+    return (t * 255 + 0.5).astype(np.uint8)
+
+
+_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+            "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+            "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+
+
+def compute_flow(ref_u8: np.ndarray, other_u8: np.ndarray, cfg: FlowConfig | None = None) -> np.ndarray:
+    """Dense flow ``(H, W, 2)`` float32 with ``ref(x) ~= other(x + F(x))`` (DIS)."""
+    cfg = cfg or FlowConfig()
+    if cfg.preset not in _PRESETS:
+        raise ValueError(f"flow preset must be one of {sorted(_PRESETS)}, got {cfg.preset!r}")
+    H, W = ref_u8.shape
+    a, b = ref_u8, other_u8
+    s = max(1, int(cfg.downscale))
+    if s > 1:
+        a = cv2.resize(a, (W // s, H // s), interpolation=cv2.INTER_AREA)
+        b = cv2.resize(b, (W // s, H // s), interpolation=cv2.INTER_AREA)
+    dis = cv2.DISOpticalFlow_create(_PRESETS[cfg.preset])
+    dis.setVariationalRefinementIterations(int(cfg.variational_iterations))
+    flow = dis.calc(np.ascontiguousarray(a), np.ascontiguousarray(b), None)
+    if s > 1:
+        flow = cv2.resize(flow, (W, H), interpolation=cv2.INTER_LINEAR) * np.float32(s)
+    return flow.astype(np.float32)
+
+
+def _grid(H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
+
+
+def fb_consistency(fwd: np.ndarray, bwd: np.ndarray, threshold: float = 0.5,
+                   relative: float = 0.05) -> np.ndarray:
+    """Forward-backward check: ``|F(x) + B(x + F(x))| < threshold + relative * |F(x)|``.
+
+    ``fwd`` maps reference -> other, ``bwd`` other -> reference, both ``(H, W, 2)``.
+    Returns ``(H, W)`` bool (False also where ``x + F(x)`` leaves the image)."""
+    H, W = fwd.shape[:2]
+    gx, gy = _grid(H, W)
+    mx, my = gx + fwd[..., 0], gy + fwd[..., 1]
+    b = cv2.remap(bwd, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    err = np.hypot(fwd[..., 0] + b[..., 0], fwd[..., 1] + b[..., 1])
+    inside = (mx >= 0) & (mx <= W - 1) & (my >= 0) & (my <= H - 1)
+    return inside & (err < threshold + relative * np.hypot(fwd[..., 0], fwd[..., 1]))
+
+
+def reference_index(n_tracking: int) -> int:
+    """Index of the central tracking frame (the reference)."""
+    if n_tracking < 1:
+        raise ValueError("motion compensation needs at least one tracking frame")
+    return (n_tracking - 1) // 2
+
+
+def bracketing(frame: int, tracking_frames: list[int]) -> tuple[int, int, float]:
+    """Tracking frames around sequence index ``frame``: ``(ia, ib, s)`` indices into
+    ``tracking_frames`` and the interpolation weight of ``ib``; clamped outside the range."""
+    tf = list(tracking_frames)
+    if not tf:
+        raise ValueError("no tracking frames")
+    if frame <= tf[0]:
+        return 0, 0, 0.0
+    if frame >= tf[-1]:
+        return len(tf) - 1, len(tf) - 1, 0.0
+    ib = next(i for i, t in enumerate(tf) if t >= frame)
+    ia = ib - 1
+    return ia, ib, (frame - tf[ia]) / (tf[ib] - tf[ia])
+
+
+def interpolate_flow(fa: np.ndarray, fb: np.ndarray, s: float) -> np.ndarray:
+    """Linear-in-time flow between two tracking frames: ``(1 - s) fa + s fb``."""
+    if s == 0.0:
+        return fa
+    return (np.float32(1 - s) * fa + np.float32(s) * fb).astype(np.float32)
+
+
+def warp(img: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> tuple[np.ndarray, np.ndarray]:
+    """Resample ``img`` into the reference frame: ``out(x) = img(x + F(x))``.
+
+    Parameters
+    ----------
+    img : ``(C, H, W)`` channel-planar or ``(H, W)`` array.
+    flow : ``(H, W, 2)``.
+
+    Returns
+    -------
+    out : same shape and dtype class as ``img`` (float32 for float input)
+    inside : ``(H, W)`` bool, the source position lies inside the image.
+    """
+    H, W = flow.shape[:2]
+    gx, gy = _grid(H, W)
+    mx, my = gx + flow[..., 0], gy + flow[..., 1]
+    inside = (mx >= 0) & (mx <= W - 1) & (my >= 0) & (my <= H - 1)
+    if img.ndim == 2:
+        out = cv2.remap(img, mx, my, interpolation, borderMode=cv2.BORDER_REPLICATE)
+    else:
+        out = np.empty_like(img)
+        for c in range(img.shape[0]):  # planar: remap each plane (no HWC transpose copies)
+            out[c] = cv2.remap(np.ascontiguousarray(img[c]), mx, my, interpolation,
+                               borderMode=cv2.BORDER_REPLICATE)
+    return out, inside
