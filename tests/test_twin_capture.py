@@ -140,3 +140,213 @@ def test_vignetting_gain_is_radial_about_principal_point():
     # a corner at distance d has gain 1 - v d^2 / half_diag^2
     d2 = (0 - K[0, 2]) ** 2 + (0 - K[1, 2]) ** 2
     assert g[0, 0] == pytest.approx(1 - 0.3 * d2 / ((W * W + H * H) / 4), rel=1e-5)
+
+
+# ---- capture simulation ---------------------------------------------------------------------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import rawpy  # noqa: E402
+
+from lightstage.calibfile import load_calibration  # noqa: E402
+from lightstage.manifest import load_manifest, sha256_file  # noqa: E402
+from lightstage.store import open_take  # noqa: E402
+from lightstage.twin.capture import (  # noqa: E402
+    SimulationError,
+    default_subject,
+    motion_trajectory,
+    simulate,
+    subject_seed,
+)
+
+CAL_SMALL = {"lights": [0], "n_board_poses": 1, "supersample": 1, "chrome_cameras": 1,
+             "diffuse_cameras": 1}
+
+
+def _folder_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _independent_raw(radiance, cam, exposure):
+    """Noise-free raw written out from the documented model, independent of sensor.py."""
+    s = cam.sensor
+    H, W = cam.resolution
+    M = np.asarray(s.colour_response)
+    ch = np.array(["RGB".index(c) for c in s.cfa_pattern]).reshape(2, 2)
+    ch = np.tile(ch, (H // 2 + 1, W // 2 + 1))[:H, :W]
+    cam_val = np.einsum("hwc,hwc->hw", radiance.astype(np.float64), M[ch])
+    K = cam.K_array
+    yy, xx = np.mgrid[0:H, 0:W]
+    r2 = ((xx - K[0, 2]) ** 2 + (yy - K[1, 2]) ** 2) / ((W**2 + H**2) / 4)
+    dn = cam_val * (1 - s.vignetting * r2) * exposure * s.gain / s.full_scale * (s.white_level - s.black_level)
+    return np.clip(np.rint(dn) + s.black_level, 0, s.white_level)
+
+
+@pytest.fixture(scope="module")
+def tiny_capture(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cap") / "out"
+    rig = builtin_rig("tiny")
+    # dark, tracking, 3 OLATs: every frame kind, in seconds
+    simulate(out, rig, 1, seed=5, noise=False, frames="0:5", calibration=CAL_SMALL)
+    return out, rig
+
+
+def test_capture_dngs_match_sensor_model_of_scene(tiny_capture):
+    out, rig = tiny_capture
+    man = load_manifest(out / "s000" / "t0")
+    assert [f.index for f in man.frames] == [0, 1, 2, 3, 4]
+    assert [f.kind for f in man.frames] == [rig.sequence[i].kind for i in range(5)]
+    poses = json.loads((out / "s000/t0/truth/motion.json").read_text())
+    scene = default_subject(subject_seed(5, 0)).scene
+    pos, rgb = rig.light_positions(), rig.light_rgb()
+    checked = 0
+    for fr in man.frames:
+        seq = rig.sequence[fr.index]
+        on = [seq.light] if seq.kind == "olat" else (list(range(rig.n_lights)) if seq.kind == "tracking" else [])
+        pose = np.asarray(poses["frames"][fr.index]["pose"])
+        for ci, cam in enumerate(rig.cameras):
+            lst = fr.files[cam.name]
+            assert [r.exposure for r in lst] == seq.exposures
+            rad = (scene.radiance(cam, pos[on], rgb[on], pose=pose) if on
+                   else np.zeros((*cam.resolution, 3), np.float32))
+            for k, rf in enumerate(lst):
+                p = man.path(rf)
+                assert rf.sha256 == sha256_file(p)
+                assert rf.iso == cam.sensor.iso
+                with rawpy.imread(str(p)) as r:
+                    raw = r.raw_image.copy()
+                    assert r.white_level == cam.sensor.white_level
+                    assert list(r.black_level_per_channel) == [cam.sensor.black_level] * 4
+                    desc = r.color_desc.decode()
+                    assert "".join(desc[i] for i in r.raw_pattern.reshape(-1)) == cam.sensor.cfa_pattern
+                    assert r.other.shutter_speed == pytest.approx(rf.exposure, rel=1e-6)
+                    assert r.other.iso_speed == cam.sensor.iso
+                expect = _independent_raw(rad, cam, rf.exposure)
+                # float32 vs float64 arithmetic may flip a rounding exactly at .5
+                assert np.abs(raw.astype(np.float64) - expect).max() <= 1
+                assert np.mean(raw != expect) < 1e-3
+                checked += 1
+            if seq.kind != "dark":
+                assert raw.max() > cam.sensor.black_level + 20  # the subject is visible
+    assert checked == sum(len(rig.sequence[i].exposures) for i in range(5)) * rig.n_cameras
+
+
+def test_capture_truth_store_and_motion(tiny_capture):
+    out, rig = tiny_capture
+    take = open_take(out / "s000/t0/truth/truth.zarr")
+    assert take.validate() == []
+    a = take.attrs
+    scene = default_subject(subject_seed(5, 0)).scene
+    olat_frames = [f.index for f in rig.sequence if f.kind == "olat"]
+    assert a["olat_frames"] == olat_frames
+    cal = load_calibration(out / "calibration" / "truth_calibration.json")
+    np.testing.assert_allclose(np.asarray(a["light_rgb"]), cal.light_rgb()[a["lights"]])
+    done = take.group["done"][...]
+    for slot, f in enumerate(olat_frames):
+        # frames 2..4 are the first three OLATs; the rest of the sequence was not simulated
+        assert (done[:, slot] == 255).all() == (f < 5)
+        assert (done[:, slot] == 0).all() == (f >= 5)
+    ci = 2
+    cam = rig.cameras[ci]
+    for slot in range(3):
+        light = a["lights"][slot]
+        ref = scene.radiance(cam, rig.light_positions()[[light]], rig.light_rgb()[[light]])
+        E = cal.lights[light].rgb
+        got = take.olat(ci, lights=slice(slot, slot + 1))[0]
+        np.testing.assert_allclose(np.moveaxis(got, 0, -1) * E, ref, rtol=1e-5, atol=1e-7)
+    tr = scene.truth(cam)
+    assert np.array_equal(take.mask(ci), np.asarray(tr["mask"]).astype(bool))
+    npz = np.load(out / "s000/t0/truth/cameras" / f"{cam.name}.npz")
+    np.testing.assert_array_equal(npz["depth"], tr["depth"])
+    # motion: identity at the first tracking frame, small and smooth elsewhere
+    m = json.loads((out / "s000/t0/truth/motion.json").read_text())
+    P = np.asarray([f["pose"] for f in m["frames"]])
+    assert len(P) == len(rig.sequence)
+    np.testing.assert_allclose(P[m["rest_frame"]], np.eye(4), atol=1e-12)
+    assert rig.sequence[m["rest_frame"]].kind == "tracking"
+    ang = np.degrees(np.arccos(np.clip((np.trace(P[:, :3, :3], axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert ang.max() < 0.5 and ang.max() > 0.01
+    # head centre displacement: sub-mm to a few mm
+    c = np.array([0.0, 0.03, 0.0, 1.0])
+    disp = np.linalg.norm((P @ c)[:, :3] - c[:3], axis=1)
+    assert 1e-4 < disp.max() < 5e-3
+    assert np.abs(np.diff(disp)).max() < 0.2 * disp.max()  # smooth: no jumps frame to frame
+    subj = json.loads((out / "s000/t0/truth/subject.json").read_text())
+    assert subj["seed"] == subject_seed(5, 0)
+
+
+def test_calibration_shots_written(tiny_capture):
+    out, rig = tiny_capture
+    shots = json.loads((out / "calibration" / "shots.json").read_text())["shots"]
+    names = {s["name"] for s in shots}
+    assert {"flat_field", "chart", "board_00", "chrome_000", "diffuse_000"} <= names
+    for s in shots:
+        assert sorted(s["files"]) == sorted(s["cameras"])
+        for cam, lst in s["files"].items():
+            assert [f["exposure"] for f in lst] == s["exposures"]
+            p = out / "calibration" / lst[0]["path"]
+            assert lst[0]["sha256"] == sha256_file(p)
+    flat = next(s for s in shots if s["name"] == "flat_field")
+    cam = rig.camera(flat["cameras"][0])
+    with rawpy.imread(str(out / "calibration" / flat["files"][cam.name][0]["path"])) as r:
+        raw = r.raw_image.copy()
+    L0 = np.asarray(flat["truth"]["known"]["radiance_rgb"], dtype=np.float32)
+    rad = np.broadcast_to(L0, (*cam.resolution, 3))
+    assert np.abs(raw - _independent_raw(rad, cam, flat["exposures"][0])).max() <= 1
+    cal = load_calibration(out / "calibration" / "truth_calibration.json")
+    assert cal.source == "twin-ground-truth"
+    assert set(cal.cameras) == {c.name for c in rig.cameras}
+
+
+def test_same_seed_same_bytes_for_any_worker_count(tmp_path):
+    rig = builtin_rig("tiny")
+    kw = dict(noise=True, frames="1:3", calibration={**CAL_SMALL, "lights": []})
+    a = simulate(tmp_path / "a", rig, 1, seed=11, workers=1, **kw)
+    b = simulate(tmp_path / "b", rig, 1, seed=11, workers=2, **kw)
+    ha, hb = _folder_hash(a), _folder_hash(b)
+    assert len(ha) > 30 and ha == hb
+    c = simulate(tmp_path / "c", rig, 1, seed=12, workers=1, **{**kw, "calibration": False})
+    hc = _folder_hash(c)
+    dng = [k for k in ha if k.endswith(".dng") and k.startswith("s000")]
+    assert dng and all(ha[k] != hc[k] for k in dng)  # another seed: other noise everywhere
+
+
+def test_refuses_non_empty_out_and_overwrites_only_its_own(tmp_path):
+    rig = builtin_rig("tiny")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(SimulationError, match="not empty"):
+        simulate(user, rig, 0, calibration=False)
+    with pytest.raises(SimulationError, match="not written by ls-simulate"):
+        simulate(user, rig, 0, calibration=False, overwrite=True)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    out = tmp_path / "sim"
+    simulate(out, rig, 1, frames="0:1", calibration=False, noise=False)
+    with pytest.raises(SimulationError, match="not empty"):
+        simulate(out, rig, 1, frames="0:1", calibration=False)
+    (out / "keep.txt").write_text("user file added later")
+    (out / "s000" / "t0" / "raw" / "cam00" / "f0000_e0.dng").write_bytes(b"corrupt")
+    simulate(out, rig, 1, frames="1:2", calibration=False, noise=False, overwrite=True)
+    assert (out / "keep.txt").read_text() == "user file added later"
+    assert not (out / "s000" / "t0" / "raw" / "cam00" / "f0000_e0.dng").exists()
+    man = load_manifest(out / "s000" / "t0")
+    assert [f.index for f in man.frames] == [1]
+    with pytest.raises(SimulationError, match="frames"):
+        simulate(tmp_path / "x", rig, 1, frames="500:600")
+    assert not (tmp_path / "x").exists()
+
+
+def test_motion_trajectory_is_seeded_and_bounded():
+    a = motion_trajectory(200, 3, rest_frame=7)
+    b = motion_trajectory(200, 3, rest_frame=7)
+    assert np.array_equal(a, b)
+    np.testing.assert_allclose(a[7], np.eye(4), atol=1e-12)
+    for P in a[::17]:
+        R = P[:3, :3]
+        np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(R) == pytest.approx(1.0)
+    assert not np.array_equal(a, motion_trajectory(200, 4, rest_frame=7))
