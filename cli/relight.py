@@ -17,7 +17,8 @@ silent). An existing output is never replaced without ``--overwrite``; other fil
 are never touched.
 
 The optional PORTRAIT argument is the single-image path (the model synthesises the OLATs);
-until the model package provides ``model.relight.portrait_source`` it stops with a clear error.
+until the model package provides ``model.relight_model.portrait_source`` it stops with a clear
+error.
 Exit status: 0 success, 2 bad arguments or inputs.
 """
 
@@ -40,7 +41,7 @@ __all__ = ["main", "open_portrait_source", "PORTRAIT_BACKEND"]
 
 #: module that, once the model is installed, provides ``portrait_source(path, **options) ->
 #: lightstage.relight.OlatSource`` (OLATs synthesised for any light directions)
-PORTRAIT_BACKEND = "model.relight"
+PORTRAIT_BACKEND = "model.relight_model"
 
 
 class _Rate(ProgressColumn):
@@ -64,11 +65,11 @@ def open_portrait_source(portrait: str, **options):
     try:
         mod = importlib.import_module(PORTRAIT_BACKEND)
         factory = getattr(mod, "portrait_source")
-    except (ImportError, AttributeError):
+    except Exception as e:  # missing module/function, or a model package that fails to import
         raise click.ClickException(
             f"{portrait}: portrait relighting needs the model: not yet installed "
-            f"({PORTRAIT_BACKEND}.portrait_source is missing); relight a captured subject with "
-            "--store/--subject instead") from None
+            f"({PORTRAIT_BACKEND}.portrait_source unavailable: {type(e).__name__}); relight a "
+            "captured subject with --store/--subject instead") from None
     return factory(portrait, **options)
 
 
@@ -149,6 +150,12 @@ def _strip(frames: list[np.ndarray], max_frames: int = 8, height: int = 256) -> 
 @click.option("--crop", default=None, help="pixel crop y0,y1,x0,x1")
 @click.option("--method", type=click.Choice(["voronoi", "vmf"]), default="voronoi", show_default=True,
               help="how environment directions are shared among lights")
+@click.option("--uncovered", type=click.Choice(["nearest", "drop"]), default="nearest", show_default=True,
+              help="environment directions no light covers: give them to the nearest light (use "
+                   "all the map's power) or drop them (rigs lit from one side)")
+@click.option("--coverage-angle", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="degrees from every light beyond which a direction is uncovered "
+                   "(default 1.5 x the median light spacing)")
 @click.option("--exposure", default="0", show_default=True,
               help="display exposure in stops, or 'auto' (median subject luminance -> 0.18; "
                    "reported and recorded)")
@@ -167,7 +174,7 @@ def _strip(frames: list[np.ndarray], max_frames: int = 8, height: int = 256) -> 
 @click.option("--overwrite", is_flag=True, help="replace this command's earlier outputs in --out")
 @click.option("--list-envs", is_flag=True, help="list the built-in environments and exit")
 def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_exposure, rotate,
-         turntable, axis, camera, crop, method, exposure, tonemap, video, fps, half, cache_dir,
+         turntable, axis, camera, crop, method, uncovered, coverage_angle, exposure, tonemap, video, fps, half, cache_dir,
          max_memory, allow_incomplete, out, overwrite, list_envs):
     """Relight a captured subject from an OLAT store (or a PORTRAIT, with the model) under an
     HDR environment map."""
@@ -242,13 +249,19 @@ def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_e
     angles = [rotate + 360.0 * k / n_frames for k in range(n_frames)]
     cache = R.TransferCache(directory=cache_dir) if cache_dir else R.DEFAULT_CACHE
     t0 = time.perf_counter()
-    weights = R.weights_for_rotations(env, dirs, angles, axis=ax, method=method, index_map_cache=cache)
+    try:
+        weights = R.weights_for_rotations(env, dirs, angles, axis=ax, method=method,
+                                          index_map_cache=cache, uncovered=uncovered,
+                                          max_angle_deg=coverage_angle)
+    except R.RelightError as e:
+        raise click.ClickException(str(e)) from None
     t_weights = time.perf_counter() - t0
-    cov = R.coverage(dirs, env=env, index_map_cache=cache)
+    cov = R.coverage(dirs, env=env, max_angle_deg=coverage_angle, index_map_cache=cache)
     power = E.total_power(env)
     console.print(f"environment {env_spec}: {env.shape[1]}x{env.shape[0]}, integral "
                   f"{np.array2string(power, precision=4)} (RGB, radiance x sr)")
-    console.print(f"{len(dirs)} lights, method {method}: {cov.summary()}")
+    console.print(f"{len(dirs)} lights, method {method}: {cov.summary()} "
+                  f"({'given to the nearest light' if uncovered == 'nearest' else 'dropped'})")
 
     # ---- relight ------------------------------------------------------------------------------
     try:
@@ -322,7 +335,8 @@ def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_e
         "n_lights": int(len(dirs)),
         "weights_sum_rgb": weights[0].sum(0).tolist(),
         "coverage": {"max_angle_deg": cov.max_angle_deg, "uncovered_sr": cov.solid_angle,
-                     "uncovered_power_fraction": cov.power_fraction.tolist()},
+                     "uncovered_power_fraction": cov.power_fraction.tolist(),
+                     "uncovered_policy": uncovered},
         "exposure_ev": ev,
         "exposure_mode": "auto" if auto else "manual",
         "tonemap": tonemap,

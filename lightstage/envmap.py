@@ -68,6 +68,8 @@ __all__ = [
     "save_envmap",
     "mirrorball_to_equirect",
     "equirect_to_mirrorball",
+    "mirrorball_direction",
+    "sphere_from_mask",
     "CUBE_FACES",
     "cube_face_directions",
     "equirect_to_cube",
@@ -339,6 +341,37 @@ def equirect_to_mirrorball(env: np.ndarray, size: int) -> np.ndarray:
     out = sample(env, r)
     out[~inside] = 0
     return out
+
+
+def mirrorball_direction(px, py, centre, radius) -> np.ndarray:
+    """World direction ``(..., 3)`` reflected into image pixel ``(px, py)`` of a mirror ball.
+
+    Orthographic camera on +z looking along -z (image x right = +x, image y down = -y); the
+    ball's silhouette has centre ``(cx, cy)`` and ``radius`` in pixels. The normal there is
+    ``n = ((px - cx) / r, -(py - cy) / r, sqrt(1 - nx^2 - ny^2))`` and the mirror reflection of
+    the viewing direction ``v = -z`` about it is ``r = v - 2 (v . n) n = 2 n_z n - z``: the
+    direction towards whatever the ball shows there (a light, for a highlight). Pixels off the
+    ball are clamped to its rim.
+    """
+    cx, cy = centre
+    nx = (np.asarray(px, np.float64) - cx) / radius
+    ny = -(np.asarray(py, np.float64) - cy) / radius
+    rr = nx * nx + ny * ny
+    s = np.where(rr > 1, 1 / np.sqrt(np.maximum(rr, 1e-300)), 1.0)
+    nx, ny = nx * s, ny * s
+    nz = np.sqrt(np.clip(1 - nx * nx - ny * ny, 0, None))
+    n = np.stack([nx, ny, nz], -1)
+    return 2 * nz[..., None] * n - np.array([0.0, 0.0, 1.0])
+
+
+def sphere_from_mask(mask: np.ndarray) -> tuple[tuple[float, float], float]:
+    """Centre ``(cx, cy)`` (pixels, x right, y down) and radius of a ball's silhouette mask:
+    the centroid and ``sqrt(area / pi)`` (both robust to a ragged edge)."""
+    m = np.asarray(mask, bool)
+    if m.sum() < 10:
+        raise EnvMapError(f"sphere mask has only {int(m.sum())} pixels")
+    ys, xs = np.nonzero(m)
+    return (float(xs.mean()), float(ys.mean())), float(math.sqrt(m.sum() / math.pi))
 
 
 # ---- cube maps ----------------------------------------------------------------------------------

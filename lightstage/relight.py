@@ -25,8 +25,10 @@ The assignment for one (light set, method, map size) is a sparse ``(L, H*W)`` ma
 cached in memory and optionally on disk (:class:`TransferCache`); after that a weight
 computation is one sparse product (milliseconds at 1024x512).
 
-Directions far from every light (below the stage, typically) still go to their nearest light;
-:func:`coverage` reports how much of the sphere, and of a map's power, that concerns.
+Directions far from every light (below the stage, typically) go to their nearest light by
+default (all of the map's power is used) or are dropped (``uncovered="drop"``: right for a rig
+that lights one side only); :func:`coverage` reports how much of the sphere, and of a map's
+power, that concerns.
 
 Combination: the OLAT stack is channel-planar ``(L, 3, H, W)``, so per channel it is a GEMV
 ``weights[:, c] @ olat[:, c].reshape(L, -1)`` that runs at memory bandwidth; torch (GPU when
@@ -71,6 +73,8 @@ __all__ = [
     "weights_for_rotations",
     "Coverage",
     "coverage",
+    "default_coverage_angle",
+    "UNCOVERED_POLICIES",
     "light_spacing",
     "relight",
     "Relighter",
@@ -130,8 +134,9 @@ class Transfer:
     nearest: np.ndarray
     nearest_angle: np.ndarray
 
-    def weights(self, env: np.ndarray) -> np.ndarray:
-        """(L, 3) float64 weights of a map of this transfer's size."""
+    def weights(self, env: np.ndarray, drop_beyond_deg: float | None = None) -> np.ndarray:
+        """(L, 3) float64 weights of a map of this transfer's size; with ``drop_beyond_deg``
+        directions farther than that from every light contribute nothing."""
         env = _env._check_env(env)
         if env.shape[:2] != (self.height, self.width):
             raise RelightError(f"map is {env.shape[1]}x{env.shape[0]}, transfer was built for "
@@ -140,6 +145,9 @@ class Transfer:
         x = env.reshape(-1, 3)
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float32)
+        if drop_beyond_deg is not None:
+            keep = (self.nearest_angle <= math.radians(drop_beyond_deg)).reshape(-1, 1)
+            x = x * keep
         return np.asarray(self.matrix @ x, dtype=np.float64)
 
 
@@ -258,24 +266,44 @@ class TransferCache:
 DEFAULT_CACHE = TransferCache()
 
 
+UNCOVERED_POLICIES = ("nearest", "drop")
+
+
+def _drop_angle(light_dirs, uncovered: str, max_angle_deg: float | None) -> float | None:
+    if uncovered not in UNCOVERED_POLICIES:
+        raise RelightError(f"uncovered must be one of {UNCOVERED_POLICIES}, got {uncovered!r}")
+    if uncovered == "nearest":
+        return None
+    return max_angle_deg if max_angle_deg is not None else default_coverage_angle(light_dirs)
+
+
 def light_weights(env: np.ndarray, light_dirs, method: str = "voronoi",
-                  index_map_cache: TransferCache | None = DEFAULT_CACHE, **params) -> np.ndarray:
+                  index_map_cache: TransferCache | None = DEFAULT_CACHE, uncovered: str = "nearest",
+                  max_angle_deg: float | None = None, **params) -> np.ndarray:
     """(L, 3) float64 RGB weights ``E_i`` of ``env`` for lights at ``light_dirs`` (L, 3).
 
+    ``uncovered``: what happens to directions farther than ``max_angle_deg`` (default
+    :func:`default_coverage_angle`) from every light. ``"nearest"`` (default) gives them to the
+    nearest light, so all of the map's power is used (``sum E_i`` = its integral); ``"drop"``
+    ignores them, which is right when the stage cannot light the subject from there (a rig
+    with lights on one side only: a sun behind it must not land on a front light).
     ``index_map_cache=None`` builds the assignment from scratch (no caching).
     """
     env = _env._check_env(env)
     H, W = env.shape[:2]
+    drop = _drop_angle(light_dirs, uncovered, max_angle_deg)
     if index_map_cache is None:
         t = build_transfer(light_dirs, H, W, method, **params)
     else:
         t = index_map_cache.get(light_dirs, H, W, method, **params)
-    return t.weights(env)
+    return t.weights(env, drop)
 
 
 def weights_for_rotations(env: np.ndarray, light_dirs, angles_deg: Sequence[float],
                           axis=(0.0, 1.0, 0.0), method: str = "voronoi",
-                          index_map_cache: TransferCache | None = DEFAULT_CACHE, **params) -> np.ndarray:
+                          index_map_cache: TransferCache | None = DEFAULT_CACHE,
+                          uncovered: str = "nearest", max_angle_deg: float | None = None,
+                          **params) -> np.ndarray:
     """(N, L, 3) weights of ``env`` turned by each angle (``envmap.rotate`` semantics).
 
     About +y the map's columns are shifted (exact for whole pixels, periodic linear
@@ -286,15 +314,17 @@ def weights_for_rotations(env: np.ndarray, light_dirs, angles_deg: Sequence[floa
     env = _env._check_env(env).astype(np.float32)
     H, W = env.shape[:2]
     d = _check_dirs(light_dirs)
+    drop = _drop_angle(d, uncovered, max_angle_deg)
     out = np.empty((len(angles_deg), len(d), 3))
     if _env._is_y_axis(axis):
         t = (index_map_cache or TransferCache()).get(d, H, W, method, **params)
         for n, a in enumerate(angles_deg):
-            out[n] = t.weights(_env._shift_columns(env, (a / 360.0 * W) % W))
+            out[n] = t.weights(_env._shift_columns(env, (a / 360.0 * W) % W), drop)
         return out
     for n, a in enumerate(angles_deg):
         R = _env.rotation_matrix(axis, a)
-        out[n] = light_weights(env, d @ R, method, index_map_cache=None, **params)  # rows R^T l
+        t = build_transfer(d @ R, H, W, method, **params)  # rows are R^T l
+        out[n] = t.weights(env, drop)
     return out
 
 
@@ -317,10 +347,15 @@ class Coverage:
 
     def summary(self) -> str:
         p = "" if np.all(np.isnan(self.power_fraction)) else (
-            f"; {100 * float(np.max(self.power_fraction)):.2f}% of the map's power falls there "
-            "and goes to the nearest lights")
+            f"; {100 * float(np.max(self.power_fraction)):.2f}% of the map's power falls there")
         return (f"{100 * self.fraction:.1f}% of the sphere ({self.solid_angle:.3f} sr) is more "
                 f"than {self.max_angle_deg:.1f} deg from every light{p}")
+
+
+def default_coverage_angle(light_dirs) -> float:
+    """Degrees beyond which a direction counts as uncovered: 1.5 x the median spacing of the
+    lights (a direction that far from every light lies outside the lit part of the stage)."""
+    return 1.5 * math.degrees(light_spacing(light_dirs))
 
 
 def coverage(light_dirs, height: int = 128, env: np.ndarray | None = None,
@@ -328,7 +363,7 @@ def coverage(light_dirs, height: int = 128, env: np.ndarray | None = None,
              index_map_cache: TransferCache | None = DEFAULT_CACHE) -> Coverage:
     """Coverage of the sphere by a light set (at ``env``'s resolution when a map is given).
 
-    ``max_angle_deg`` defaults to 1.5 x the median nearest-neighbour spacing of the lights.
+    ``max_angle_deg`` defaults to :func:`default_coverage_angle`.
     """
     d = _check_dirs(light_dirs)
     if env is not None:
@@ -336,7 +371,7 @@ def coverage(light_dirs, height: int = 128, env: np.ndarray | None = None,
         height = env.shape[0]
     H, W = int(height), 2 * int(height)
     t = (index_map_cache or TransferCache()).get(d, H, W, "voronoi")
-    thr = max_angle_deg if max_angle_deg is not None else 1.5 * math.degrees(light_spacing(d))
+    thr = max_angle_deg if max_angle_deg is not None else default_coverage_angle(d)
     mask = t.nearest_angle > math.radians(thr)
     omega = _env.row_solid_angles(H, W)
     sa = float((mask * omega[:, None]).sum())

@@ -314,3 +314,23 @@ def test_real_envmaps_load(real_data):
     assert office.shape == (512, 1024, 3) and 19 < office.max() <= 20  # half float, PIZ
     quarry = E.load_envmap(real_data / "envmaps/quarry_01_1k.hdr")
     assert 8e4 < quarry.max() < 9e4  # the sun survives (no 8-bit read)
+
+
+def test_mirrorball_highlight_gives_light_direction():
+    """A bright spot rendered onto a mirror ball is recovered by the reflection maths."""
+    h, size = 256, 301
+    true = np.array([0.4, 0.5, 0.77])
+    true /= np.linalg.norm(true)
+    env = np.zeros((h, 2 * h, 3), np.float32)
+    d = E.equirect_directions(h)
+    env[d @ true > math.cos(math.radians(1.0))] = 100.0
+    ball = E.equirect_to_mirrorball(env, size)
+    mask = E.equirect_to_mirrorball(np.ones_like(env), size)[..., 0] > 0
+    (cx, cy), r = E.sphere_from_mask(mask)
+    assert abs(cx - 150) < 0.01 and abs(cy - 150) < 0.01 and abs(r - size / 2) < 0.5
+    g = ball[..., 0]
+    ys, xs = np.nonzero(g > 0.5 * g.max())
+    got = E.mirrorball_direction(xs.mean(), ys.mean(), (cx, cy), r)
+    assert angle_deg(got, true) < 1.0
+    # the rim reflects the direction behind the ball
+    assert angle_deg(E.mirrorball_direction(cx + r, cy, (cx, cy), r), np.array([0, 0, -1.0])) < 1e-4
