@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import pytest
 
-from lightstage.rig import builtin_rig
+from lightstage.rig import builtin_rig, rig_to_dict
 from lightstage.twin.sensor import (
     cfa_channels,
     dn_scale,
@@ -427,3 +427,57 @@ def test_head_subject_capture_integration(tmp_path):
         raw = r.raw_image.copy()
     assert np.abs(raw - _independent_raw(rad, cam, fr.files[cam.name][0].exposure)).max() <= 1
     assert open_take(out / "s000/t0/truth/truth.zarr").validate() == []
+
+
+# ---- ls-simulate -----------------------------------------------------------------------------------
+
+from click.testing import CliRunner  # noqa: E402
+
+from cli.simulate import main as simulate_cli  # noqa: E402
+
+
+def test_cli_bad_rig_file_lists_every_error_and_writes_nothing(tmp_path):
+    rig = json.loads(json.dumps(rig_to_dict(builtin_rig("tiny"))))
+    rig["cameras"][1]["sensor"]["cfa_pattern"] = "RGBX"
+    rig["cameras"][2]["K"][0][0] = -5.0
+    rig["lights"][3]["intensity"] = 0
+    rig["sequence"][4]["light"] = 999
+    p = tmp_path / "bad_rig.json"
+    p.write_text(json.dumps(rig))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(simulate_cli, [str(out), "--rig", str(p)])
+    assert res.exit_code == 2
+    text = res.output
+    for field in ("cameras[1].sensor.cfa_pattern", "cameras[2].K", "lights[3].intensity",
+                  "sequence[4].light"):
+        assert field in text
+    assert "Traceback" not in text and not out.exists()
+    res = CliRunner().invoke(simulate_cli, [str(out), "--rig", str(tmp_path / "missing.json")])
+    assert res.exit_code == 2 and "missing.json" in res.output and not out.exists()
+
+
+def test_cli_refuses_non_empty_out(tmp_path):
+    (tmp_path / "precious.txt").write_text("x")
+    res = CliRunner().invoke(simulate_cli, [str(tmp_path), "--rig", "tiny", "--frames", "0:1"])
+    assert res.exit_code == 2 and "not empty" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(simulate_cli, [str(tmp_path), "--frames", "0:1", "--overwrite"])
+    assert res.exit_code == 2 and "refusing" in res.output
+    assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]
+    res = CliRunner().invoke(simulate_cli, [str(tmp_path / "o"), "--frames", "7:3"])
+    assert res.exit_code == 2 and "--frames" in res.output
+
+
+def test_cli_tiny_head_capture_in_seconds(tmp_path):
+    """The real head renderer on the tiny rig: dark + tracking frames, no calibration."""
+    out = tmp_path / "cap"
+    res = CliRunner().invoke(simulate_cli, [str(out), "--rig", "tiny", "--subjects", "1",
+                                            "--seed", "2", "--frames", "0:2", "--no-calibration"])
+    assert res.exit_code == 0, res.output
+    assert "frames/s" in res.output
+    man = load_manifest(out / "s000" / "t0")
+    assert [f.kind for f in man.frames] == ["dark", "tracking"]
+    tr = man.frames[1].files["cam00"][0]
+    with rawpy.imread(str(man.path(tr))) as r:
+        raw = r.raw_image.copy()
+    assert raw.max() > builtin_rig("tiny").cameras[0].sensor.black_level + 50  # the head is lit
+    assert not (out / "calibration").exists()
