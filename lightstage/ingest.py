@@ -1,0 +1,952 @@
+"""``ls-ingest``: raw multi-view OLAT captures -> calibrated, motion-compensated Zarr v3 store.
+
+Per image (one camera, one frame) the pipeline is::
+
+    raw DNG bracket --rawpy--> normalised CFA mosaics + saturation masks     (lightstage.raw)
+      --merge (exposure x gain normalised, saturation aware)--> HDR mosaic   (lightstage.hdr)
+      --bilinear demosaic--> camera RGB --/ vignetting--> --colour matrix--> linear Rec.709
+      --/ light rgb--> radiance per unit light --warp to the reference--> store
+
+Camera RGB here is exactly what the calibration file's ``colour_matrix`` expects:
+``(DN - black) / (white - black) / (exposure * ISO/100)`` divided by the vignetting polynomial
+``1 + a1 r^2 + a2 r^4`` (r = distance to the principal point over the half-diagonal).
+
+Scheduling. Work is split into one task per camera (its tracking frames: decode, optical flow
+from the reference to every tracking frame, stored motion-compensated with the flows and a
+foreground mask) and one task per (camera, OLAT frame) (decode, merge, colour, warp with the
+flow interpolated in time). Each task writes whole shards only (one image = one shard), so no
+two writers ever touch the same shard; small shared arrays (``done``, checksums) are written
+only by the driving process, after the task that wrote the image has returned. Tasks run in
+process (``workers=0``), on a ``LocalCluster`` of spawned worker processes (``workers=N``), or on
+an existing Dask scheduler (``scheduler="tcp://..."``): the stored bytes are identical.
+
+Resume. ``done[c, l]`` is 1 only once image (c, l) and its validity mask are fully written and
+their checksum recorded; 2 marks an image skipped because its input was bad (``skip_bad``; the
+file is listed in ``provenance.skipped``). A rerun with the same inputs and options continues
+where an interrupted run stopped; with other inputs or options it refuses unless
+``overwrite``.
+
+Arrays added by ingest next to the store's standard ones (``lightstage.store``)::
+
+    flow            (camera, tracking_frame, component, y, x)  float32  reference -> frame (dx, dy)
+    flow_valid      (camera, tracking_frame, y, x)   uint8  flow forward-backward consistent
+                                                     and inside the frame (255)
+    tracking_ok     (camera, tracking_frame)         uint8  1 = tracking frame decoded
+    tracking_done   (camera,)                        uint8  1 = camera's tracking phase complete
+    checksum        (camera, light)                  uint64 blake2b-64 of olat + valid bytes
+    tracking_checksum (camera, tracking_frame)       uint64 blake2b-64 of the tracking image
+
+Conventions recorded in the attributes (``ingest``): the tracking frames are stored aligned to
+the reference and divided by the mean light rgb; ``mask`` is 255 where the reference tracking
+frame's luminance exceeds ``mask_threshold`` x its 99.5th percentile.
+
+References
+----------
+Debevec, P. et al. (2000). Acquiring the reflectance field of a human face. SIGGRAPH.
+Wenger, A. et al. (2005). Performance relighting and reflectance transformation with
+time-multiplexed illumination. SIGGRAPH.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+
+from . import align
+from .calibfile import Calibration, CameraCalibration, load_calibration
+from .hdr import merge_bracket
+from .manifest import CaptureManifest, find_manifests, load_manifest, sha256_file
+from .raw import RawError, RawFrame, demosaic_bilinear, read_raw, saturation_rgb
+from .rig import rig_to_dict
+from .store import (STORE_FORMAT, StoreError, create_take, default_tile, list_takes,
+                    provenance)
+
+__all__ = [
+    "IngestConfig",
+    "IngestError",
+    "IngestReport",
+    "ingest",
+    "verify_store",
+    "choose_scale",
+    "apply_colour",
+    "vignetting_map",
+    "process_frame",
+    "image_checksum",
+    "DONE_TODO",
+    "DONE_WRITTEN",
+    "DONE_SKIPPED",
+]
+
+DONE_TODO, DONE_WRITTEN, DONE_SKIPPED = 0, 1, 2
+F16_MAX = 65504.0
+
+
+class IngestError(RuntimeError):
+    """Ingest failed; the message names the take, file or frame."""
+
+
+@dataclass
+class IngestConfig:
+    """Options of one ingest run.
+
+    dtype : storage dtype, ``float16`` (default, with ``scale``) or ``float32``.
+    scale : stored = radiance / scale; None picks it from the calibration (:func:`choose_scale`).
+    skip_bad : bad raw files are recorded in provenance and their images marked skipped
+        (``done = 2``) instead of failing the run.
+    overwrite : replace existing takes (otherwise an existing take is resumed when it was made
+        with the same inputs and options, and refused when not).
+    subjects : only these subjects (None = all).
+    motion : motion-compensate (False stores frames as captured, flows zero).
+    check_hashes : verify each raw file against the manifest's sha256 before decoding.
+    mask_threshold : foreground threshold as a fraction of the reference's 99.5th percentile.
+    reference : the tracking frame every image is aligned to: ``"central"`` (default, fewest
+        frames from the others), ``"first"``, or a position on the tracking axis.
+    flow : optical-flow settings.
+    saturation_margin : DN below the white level that still counts as saturated (None: auto).
+    """
+
+    dtype: str = "float16"
+    scale: float | None = None
+    skip_bad: bool = False
+    overwrite: bool = False
+    subjects: list[str] | None = None
+    motion: bool = True
+    check_hashes: bool = True
+    mask_threshold: float = 0.05
+    reference: str | int = "central"
+    flow: align.FlowConfig = field(default_factory=align.FlowConfig)
+    saturation_margin: float | None = None
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The options that change stored bytes (resume refuses if they differ)."""
+        d = asdict(self)
+        for k in ("skip_bad", "overwrite", "subjects", "check_hashes"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class IngestReport:
+    """What a run did: per take, images written / skipped / already done; bad files."""
+
+    store: str
+    takes: list[str] = field(default_factory=list)
+    written: int = 0
+    resumed: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    frames: int = 0
+    dashboard: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+# ---- per-image maths ------------------------------------------------------------------------
+
+
+def vignetting_map(cal: CameraCalibration, height: int, width: int) -> np.ndarray:
+    """``(H, W)`` float32 radial gain ``1 + a1 r^2 + a2 r^4`` (r: distance to the principal
+    point over the half-diagonal); raw camera RGB is divided by it."""
+    a1, a2 = (float(x) for x in np.asarray(cal.vignetting, np.float64)[:2])
+    K = np.asarray(cal.K, np.float64)
+    hd2 = (width * width + height * height) / 4.0
+    y2 = ((np.arange(height) - K[1, 2]) ** 2)[:, None]
+    x2 = ((np.arange(width) - K[0, 2]) ** 2)[None, :]
+    r2 = (x2 + y2) / hd2
+    return (1.0 + a1 * r2 + a2 * r2 * r2).astype(np.float32)
+
+
+def apply_colour(rgb: np.ndarray, cal: CameraCalibration) -> np.ndarray:
+    """Camera RGB ``(3, H, W)`` -> working-space radiance ``(3, H, W)`` float32.
+
+    ``matrix-3x3``: ``out = M @ rgb``. ``root-polynomial-<d>``: Finlayson et al. (2015) root
+    polynomial terms of degree d (colour-science's term order) times ``colour_terms`` (N x 3),
+    which is homogeneous of degree one, hence exposure invariant.
+
+    References
+    ----------
+    Finlayson, G. D., Mackiewicz, M., Hurlbert, A. (2015). Color correction using
+    root-polynomial regression. IEEE TIP 24(5).
+    """
+    method = (cal.colour_method or "matrix-3x3").lower()
+    if method in ("matrix-3x3", "matrix", "3x3"):
+        M = np.asarray(cal.colour_matrix, np.float32)
+        return np.tensordot(M, rgb, axes=1).astype(np.float32, copy=False)
+    if method.startswith("root-polynomial"):
+        from colour.characterisation import polynomial_expansion_Finlayson2015
+
+        try:
+            degree = int(method.rsplit("-", 1)[1])
+        except ValueError:
+            degree = 2
+        if cal.colour_terms is None:
+            raise IngestError(f"colour_method {cal.colour_method!r} needs colour_terms")
+        T = np.asarray(cal.colour_terms, np.float64)
+        _, H, W = rgb.shape
+        flat = np.clip(rgb.reshape(3, -1).T.astype(np.float64), 0, None)
+        ex = polynomial_expansion_Finlayson2015(flat, degree, root_polynomial_expansion=True)
+        if T.shape != (ex.shape[1], 3):
+            if T.shape == (3, ex.shape[1]):
+                T = T.T
+            else:
+                raise IngestError(f"colour_terms has shape {T.shape}; {cal.colour_method} needs "
+                                  f"({ex.shape[1]}, 3)")
+        return (ex @ T).T.reshape(3, H, W).astype(np.float32)
+    raise IngestError(f"unsupported colour_method {cal.colour_method!r}")
+
+
+def image_checksum(*arrays: np.ndarray) -> int:
+    """64-bit blake2b of the arrays' bytes (as stored: dtype and C order), as an int."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+# ---- task payloads (small, picklable) -------------------------------------------------------
+
+
+@dataclass
+class _CamSpec:
+    name: str
+    height: int
+    width: int
+    calib: dict[str, Any]  # CameraCalibration fields as lists
+
+
+@dataclass
+class _FrameSpec:
+    index: int
+    kind: str
+    light: int | None
+    files: list[tuple[str, float, float, str | None]]  # (abs path, exposure, iso, sha256)
+
+
+@dataclass
+class _TakeSpec:
+    store: str
+    group: str
+    cameras: list[_CamSpec]
+    tracking: list[int]  # sequence frame index per tracking axis position
+    olat: list[int]  # sequence frame index per light axis position
+    light_rgb: list[list[float]]  # per light axis position
+    mean_light_rgb: list[float]
+    scale: float
+    dtype: str
+    motion: bool
+    check_hashes: bool
+    mask_threshold: float
+    reference: int
+    flow: dict[str, Any]
+    saturation_margin: float | None
+    frames: dict[int, dict[str, _FrameSpec]]  # frame index -> camera -> files
+
+
+def _calib_from(spec: _CamSpec) -> CameraCalibration:
+    c = spec.calib
+    return CameraCalibration(
+        K=np.asarray(c["K"]), distortion=np.asarray(c["distortion"]),
+        cam2world=np.asarray(c["cam2world"]), image_size=tuple(c["image_size"]),
+        colour_matrix=np.asarray(c["colour_matrix"]), colour_method=c["colour_method"],
+        colour_terms=None if c["colour_terms"] is None else np.asarray(c["colour_terms"]),
+        vignetting=np.asarray(c["vignetting"]))
+
+
+@lru_cache(maxsize=8)
+def _vig_cached(key: str, height: int, width: int) -> np.ndarray:
+    d = json.loads(key)
+    cal = CameraCalibration(K=np.asarray(d["K"]), distortion=np.zeros(5), cam2world=np.eye(4),
+                            image_size=(height, width), colour_matrix=np.eye(3),
+                            vignetting=np.asarray(d["v"]))
+    return vignetting_map(cal, height, width)
+
+
+def _read_checked(path: str, sha: str | None, check: bool, margin: float | None) -> RawFrame:
+    p = Path(path)
+    if not p.exists():
+        raise RawError(f"{p}: no such raw file")
+    if check and sha:
+        got = sha256_file(p)
+        if got != sha:
+            raise RawError(f"{p}: sha256 mismatch (file is {got[:12]}..., manifest says "
+                           f"{sha[:12]}...): corrupt or truncated")
+    return read_raw(p, margin=margin)
+
+
+def process_frame(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
+                  saturation_margin: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, merge, demosaic, de-vignette and colour-correct one camera's frame.
+
+    Returns
+    -------
+    rgb : ``(3, H, W)`` float32 linear working-space radiance (not yet per unit light)
+    valid : ``(H, W)`` bool, False where every exposure saturated (or the 3x3 demosaic
+        neighbourhood of such a photosite)
+    Raises :class:`RawError` naming the file.
+    """
+    if not frame.files:
+        raise RawError(f"frame {frame.index}: no files for camera {cam.name}")
+    raws, exps, sats = [], [], []
+    for path, exposure, iso, sha in frame.files:
+        r = _read_checked(path, sha, check_hashes, saturation_margin)
+        shape = r.data.shape[:2]
+        if shape != (cam.height, cam.width):
+            raise RawError(f"{path}: image is {shape[1]}x{shape[0]}, camera {cam.name} is "
+                           f"calibrated for {cam.width}x{cam.height}")
+        if raws and (r.cfa != raws[0].cfa):
+            raise RawError(f"{path}: CFA {r.cfa} differs from the bracket's {raws[0].cfa}")
+        t = exposure if exposure > 0 else r.exposure
+        g = (iso if iso > 0 else (r.iso or 100.0)) / 100.0
+        if t <= 0:
+            raise RawError(f"{path}: no exposure time in the manifest or the file")
+        raws.append(r)
+        exps.append(t * g)
+        sats.append(r.saturated)
+    merged = merge_bracket([r.data for r in raws], exps, sats, weighting="snr")
+    if raws[0].cfa is not None:
+        rgb = demosaic_bilinear(merged.radiance, raws[0].cfa)
+        valid = ~saturation_rgb(~merged.valid)
+    else:  # LibRaw-demosaiced fallback: (H, W, 3)
+        rgb = np.ascontiguousarray(np.moveaxis(merged.radiance, -1, 0))
+        valid = merged.valid
+    c = cam.calib
+    vig = _vig_cached(json.dumps({"K": c["K"], "v": c["vignetting"]}), cam.height, cam.width)
+    rgb /= vig
+    out = apply_colour(rgb, _calib_from(cam))
+    return out, valid
+
+
+def _to_store(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
+    y = x / np.float32(scale)
+    if dtype == "float16":
+        np.clip(y, -F16_MAX, F16_MAX, out=y)
+    return y.astype(dtype)
+
+
+# ---- tasks ---------------------------------------------------------------------------------
+
+
+def _open_group(spec: _TakeSpec) -> zarr.Group:
+    return zarr.open_group(spec.store, mode="r+", path=spec.group)
+
+
+def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
+    """Tracking phase of one camera: decode every tracking frame, flows reference -> frame
+    (+ consistency), store them, the aligned tracking images and the foreground mask."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    cam = spec.cameras[ci]
+    g = _open_group(spec)
+    T = len(spec.tracking)
+    fcfg = align.FlowConfig(**spec.flow)
+    norm = np.asarray(spec.mean_light_rgb, np.float32)[:, None, None]
+    bad: list[dict[str, Any]] = []
+    H, W = cam.height, cam.width
+    zero_flow = np.zeros((H, W, 2), np.float32)
+
+    def load(j):
+        fr = spec.frames[spec.tracking[j]][cam.name]
+        return process_frame(cam, fr, spec.check_hashes, spec.saturation_margin)
+
+    # reference: the central tracking frame, or the closest decodable one
+    order = sorted(range(T), key=lambda j: (abs(j - spec.reference), j))
+    ref = None
+    for j in order:
+        try:
+            ref_rgb, ref_valid = load(j)
+            ref = j
+            break
+        except RawError as e:
+            bad.append({"camera": cam.name, "frame": spec.tracking[j], "kind": "tracking",
+                        "error": str(e)})
+    if ref is None:
+        return {"camera": ci, "reference": None, "bad": bad, "ok": [0] * T, "checksums": [0] * T}
+    lum = align.luminance(ref_rgb)
+    white = align.tone_white(lum)
+    ref_u8 = align.tone_u8(lum, white)
+    mask = (lum > spec.mask_threshold * white).astype(np.uint8) * 255
+    g["mask"][ci] = mask
+    ok = [0] * T
+    sums = [0] * T
+    failed = {b["frame"] for b in bad}
+    for j in range(T):
+        if j != ref and spec.tracking[j] in failed:
+            continue
+        if j == ref:
+            rgb, valid = ref_rgb, ref_valid
+        else:
+            try:
+                rgb, valid = load(j)
+            except RawError as e:
+                bad.append({"camera": cam.name, "frame": spec.tracking[j], "kind": "tracking",
+                            "error": str(e)})
+                continue
+        if spec.motion and j != ref:
+            u8 = align.tone_u8(align.luminance(rgb), white)
+            fwd = align.compute_flow(ref_u8, u8, fcfg, mask > 0)
+            # backward dense flow for the consistency test (a fitted model is checked
+            # against what the pixels say)
+            bwd = align.compute_flow(u8, ref_u8, replace(fcfg, model="dense"))
+            cons = align.fb_consistency(fwd, bwd, fcfg.fb_threshold, fcfg.fb_relative)
+            rgb, inside = align.warp(rgb, fwd)
+            # the flow's validity only: a tracking frame clipped where every light is on
+            # says nothing about the OLAT pixels aligned with it
+            fvalid = cons & inside
+        else:
+            fwd = zero_flow
+            fvalid = np.ones((H, W), bool)
+        stored = _to_store(rgb / norm, spec.scale, spec.dtype)
+        g["tracking"][ci, j] = stored
+        g["flow"][ci, j] = np.ascontiguousarray(np.moveaxis(fwd, -1, 0))
+        g["flow_valid"][ci, j] = fvalid.astype(np.uint8) * 255
+        ok[j] = 1
+        sums[j] = image_checksum(stored)
+    g["tracking_ok"][ci] = np.asarray(ok, np.uint8)  # this camera's own chunk
+    return {"camera": ci, "reference": ref, "bad": bad, "ok": ok, "checksums": sums}
+
+
+def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
+    """One OLAT image: decode, merge, colour, per unit light, warp to the reference, store."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    cam = spec.cameras[ci]
+    fidx = spec.olat[li]
+    fr = spec.frames[fidx][cam.name]
+    try:
+        rgb, valid = process_frame(cam, fr, spec.check_hashes, spec.saturation_margin)
+    except RawError as e:
+        return {"camera": ci, "light": li, "error": str(e), "frame": fidx}
+    rgb /= np.asarray(spec.light_rgb[li], np.float32)[:, None, None]
+    g = _open_group(spec)
+    if spec.motion:
+        tok = np.asarray(g["tracking_ok"][ci]).astype(bool)
+        good = [j for j in range(len(spec.tracking)) if tok[j]]
+        if not good:
+            return {"camera": ci, "light": li, "frame": fidx,
+                    "error": f"camera {cam.name}: no decodable tracking frame to align frame {fidx}"}
+        ia, ib, s = align.bracketing(fidx, [spec.tracking[j] for j in good])
+        ja, jb = good[ia], good[ib]
+        fa = np.moveaxis(g["flow"][ci, ja], 0, -1)
+        ca = g["flow_valid"][ci, ja] > 0
+        if jb != ja and s > 0:
+            fb = np.moveaxis(g["flow"][ci, jb], 0, -1)
+            cb = g["flow_valid"][ci, jb] > 0
+            flow = align.interpolate_flow(fa, fb, s)
+            cons = ca & cb
+        else:
+            flow, cons = np.ascontiguousarray(fa), ca
+        rgb, inside = align.warp(rgb, flow)
+        v, _ = align.warp(valid.astype(np.float32), flow)
+        valid = cons & inside & (v > 0.999)
+    stored = _to_store(rgb, spec.scale, spec.dtype)
+    vmask = valid.astype(np.uint8) * 255
+    g["olat"][ci, li] = stored
+    g["valid"][ci, li] = vmask
+    return {"camera": ci, "light": li, "checksum": image_checksum(stored, vmask)}
+
+
+# ---- planning ------------------------------------------------------------------------------
+
+
+def choose_scale(cal: Calibration, cams: list[str], exposures: list[list[float]], isos: list[float],
+                 light_rgb: np.ndarray) -> float:
+    """Storage scale for float16: typical values O(1), the largest measurable value < 65504.
+
+    ``typical``: a 18 % grey raw value in the longest exposure, through the colour matrix,
+    per unit of the median light; ``peak``: a white-level value in the shortest exposure at the
+    lowest gain, through the largest matrix row, per unit of the dimmest light, with the
+    strongest vignetting correction. The scale is the larger of ``typical`` and
+    ``peak / 30000`` (headroom for demosaic/colour overshoot)."""
+    tmax = max(max(b) for b in exposures)
+    tmin = min(min(b) for b in exposures)
+    gmin, gmax = min(isos) / 100.0, max(isos) / 100.0
+    lrgb = np.asarray(light_rgb, np.float64)
+    typ, peak = [], []
+    for n in cams:
+        c = cal.cameras[n]
+        M = np.asarray(c.colour_matrix, np.float64)
+        typ.append(float(np.mean(M @ np.full(3, 0.18))) / (tmax * gmax))
+        vmin = min(1.0, 1.0 + float(c.vignetting[0]) + float(c.vignetting[1]))
+        vmin = max(vmin, 1e-3)
+        peak.append(float(np.abs(M).sum(1).max()) / (tmin * gmin) / vmin)
+    typical = float(np.median(typ)) / float(np.median(lrgb.mean(1)))
+    peak_v = max(peak) / float(lrgb.min())
+    s = max(abs(typical), peak_v / 30000.0)
+    # round to 3 significant digits so the attribute reads cleanly
+    return float(f"{s:.3g}")
+
+
+def _reference_position(ref: str | int, n: int, where: str) -> int:
+    if n == 0:
+        return 0
+    if ref == "central":
+        return align.reference_index(n)
+    if ref == "first":
+        return 0
+    try:
+        r = int(ref)
+    except (TypeError, ValueError):
+        raise IngestError(f"reference must be 'central', 'first' or an index, got {ref!r}") from None
+    if not 0 <= r < n:
+        raise IngestError(f"{where}: reference tracking position {r} out of range 0..{n - 1}")
+    return r
+
+
+def _world2head(man: CaptureManifest, cal: Calibration) -> tuple[np.ndarray, str]:
+    for p in (man.root / "subject.json", man.root / "truth" / "subject.json",
+              man.root.parent / "subject.json"):
+        if p.exists():
+            try:
+                d = json.loads(p.read_text())
+                if d.get("world2head") is not None:
+                    a = np.asarray(d["world2head"], np.float64)
+                    if a.shape == (4, 4):
+                        return a, str(p)
+            except (json.JSONDecodeError, ValueError, TypeError):
+                raise IngestError(f"{p}: unreadable subject file") from None
+    if cal.world2head is not None:
+        return np.asarray(cal.world2head), "calibration"
+    return np.eye(4), "identity (no subject.json, none in the calibration)"
+
+
+def _plan(man: CaptureManifest, cal: Calibration, store: str, cfg: IngestConfig,
+          calib_path: str) -> tuple[_TakeSpec, dict[str, Any], dict[str, Any]]:
+    rig = man.rig
+    where = f"{man.root / 'capture.json'}"
+    cams = [c.name for c in rig.cameras]
+    missing = [c for c in cams if c not in cal.cameras]
+    if missing:
+        raise IngestError(f"{calib_path}: no calibration for camera(s) {missing} of {where}")
+    cal_lights = {l.index: l for l in cal.lights}
+    olat: dict[int, int] = {}
+    tracking: list[int] = []
+    frames: dict[int, dict[str, _FrameSpec]] = {}
+    exposures: dict[str, list[float]] = {}
+    isos: list[float] = []
+    for fr in man.frames:
+        if fr.kind == "dark":
+            continue
+        if fr.kind not in ("olat", "tracking"):
+            raise IngestError(f"{where}: frame {fr.index}: unknown kind {fr.kind!r}")
+        per_cam = {}
+        for c in cams:
+            lst = fr.files.get(c)
+            if not lst:
+                raise IngestError(f"{where}: frame {fr.index} has no files for camera {c}")
+            per_cam[c] = _FrameSpec(fr.index, fr.kind, fr.light,
+                                    [(str(man.path(rf)), rf.exposure, float(rf.iso), rf.sha256)
+                                     for rf in lst])
+            isos.extend(float(rf.iso) for rf in lst)
+        frames[fr.index] = per_cam
+        exposures[str(fr.index)] = [rf.exposure for rf in fr.files[cams[0]]]
+        if fr.kind == "tracking":
+            tracking.append(fr.index)
+        else:
+            if fr.light is None:
+                raise IngestError(f"{where}: frame {fr.index}: an olat frame without a light")
+            if fr.light not in cal_lights:
+                raise IngestError(f"{calib_path}: no calibration for light {fr.light} "
+                                  f"(olat frame {fr.index} of {where})")
+            olat.setdefault(int(fr.light), fr.index)  # first frame of a light wins
+    if not olat:
+        raise IngestError(f"{where}: no olat frames")
+    if cfg.motion and not tracking:
+        raise IngestError(f"{where}: motion compensation needs tracking frames (none listed)")
+    lights = sorted(olat)
+    light_rgb = np.stack([cal_lights[i].rgb for i in lights])
+    light_dirs = np.stack([cal_lights[i].direction for i in lights])
+    H, W = rig.cameras[0].resolution
+    cam_specs = []
+    for c in rig.cameras:
+        cc = cal.cameras[c.name]
+        h, w = c.resolution
+        if (h, w) != (H, W):
+            raise IngestError(f"{where}: cameras differ in resolution ({c.name} is {w}x{h}); "
+                              "one take stores one resolution")
+        if tuple(cc.image_size) != (h, w):
+            raise IngestError(f"{calib_path}: cameras.{c.name}.image_size {list(cc.image_size)} "
+                              f"does not match the rig's {[h, w]}")
+        d = Calibration(rig="", cameras={c.name: cc}, lights=[]).to_dict()["cameras"][c.name]
+        cam_specs.append(_CamSpec(c.name, h, w, d))
+    scale = cfg.scale
+    if scale is None:
+        if cfg.dtype == "float32":
+            scale = 1.0
+        else:
+            scale = choose_scale(cal, cams, list(exposures.values()), isos or [100.0], light_rgb)
+    spec = _TakeSpec(
+        store=store, group=f"{man.subject}/{man.take}", cameras=cam_specs, tracking=tracking,
+        olat=[olat[i] for i in lights], light_rgb=light_rgb.tolist(),
+        mean_light_rgb=light_rgb.mean(0).tolist(), scale=float(scale), dtype=cfg.dtype,
+        motion=cfg.motion, check_hashes=cfg.check_hashes, mask_threshold=cfg.mask_threshold,
+        reference=_reference_position(cfg.reference, len(tracking), where),
+        flow=asdict(cfg.flow), saturation_margin=cfg.saturation_margin, frames=frames)
+    w2h, w2h_src = _world2head(man, cal)
+    inputs = {}
+    for fr in man.frames:
+        for c, lst in fr.files.items():
+            for rf in lst:
+                inputs[rf.path] = rf.sha256
+    fingerprint = hashlib.sha256(json.dumps(
+        {"config": cfg.fingerprint_dict(), "scale": spec.scale, "calibration": cal.to_dict(),
+         "manifest": man.to_dict()["frames"]}, sort_keys=True, default=str).encode()).hexdigest()
+    attrs = {
+        "lights": lights,
+        "light_directions": light_dirs,
+        "light_rgb": light_rgb,
+        "K": np.stack([cal.cameras[c].K for c in cams]),
+        "distortion": np.stack([np.pad(np.asarray(cal.cameras[c].distortion, np.float64)[:5],
+                                       (0, max(0, 5 - len(cal.cameras[c].distortion))))
+                                for c in cams]),
+        "cam2world": np.stack([cal.cameras[c].cam2world for c in cams]),
+        "world2head": w2h,
+        "rig": rig_to_dict(rig),
+        "calibration": cal.to_dict(),
+        "exposures": exposures,
+        "tracking_frames": tracking,
+        "olat_frames": spec.olat,
+        "ingest": {
+            "fingerprint": fingerprint,
+            "config": cfg.fingerprint_dict(),
+            "world2head_source": w2h_src,
+            "tracking_normalisation": "tracking radiance / mean light_rgb (all lights at unit)",
+            "mask_rule": f"reference tracking luminance > {cfg.mask_threshold} x its 99.5th percentile",
+            "flow_convention": "flow[c, j] (dx, dy): reference pixel x shows what frame j shows at x + flow(x)",
+            "done_codes": {"0": "to do", "1": "written", "2": "skipped (bad input)"},
+            "checksum": "blake2b-64 (little-endian uint64) of the stored olat bytes then valid bytes",
+        },
+    }
+    prov = {"manifest": str(man.root / "capture.json"), "calibration": str(calib_path),
+            "inputs_sha256": inputs, "capture_provenance": man.provenance}
+    return spec, attrs, prov
+
+
+def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int) -> None:
+    t = default_tile(H, W)
+    Hs, Ws = -(-H // t) * t, -(-W // t) * t
+    zstd = [zarr.codecs.ZstdCodec(level=3)]
+    g.create_array("flow", shape=(C, T, 2, H, W), chunks=(1, 1, 2, t, t), shards=(1, 1, 2, Hs, Ws),
+                   dtype="float32", compressors=zstd, fill_value=0,
+                   dimension_names=("camera", "tracking_frame", "component", "y", "x"))
+    g.create_array("flow_valid", shape=(C, T, H, W), chunks=(1, 1, t, t), shards=(1, 1, Hs, Ws),
+                   dtype="uint8", compressors=zstd, fill_value=0,
+                   dimension_names=("camera", "tracking_frame", "y", "x"))
+    g.create_array("tracking_ok", shape=(C, T), chunks=(1, T), dtype="uint8", fill_value=0,
+                   dimension_names=("camera", "tracking_frame"))
+    g.create_array("tracking_done", shape=(C,), chunks=(C,), dtype="uint8", fill_value=0,
+                   dimension_names=("camera",))
+    g.create_array("checksum", shape=(C, L), chunks=(C, L), dtype="uint64", fill_value=0,
+                   dimension_names=("camera", "light"))
+    g.create_array("tracking_checksum", shape=(C, T), chunks=(C, T), dtype="uint64", fill_value=0,
+                   dimension_names=("camera", "tracking_frame"))
+
+
+def _prepare_take(spec: _TakeSpec, attrs: dict, prov: dict, cfg: IngestConfig) -> tuple[zarr.Group, bool]:
+    """Create the take, or reopen it for resume. Returns (group, resumed)."""
+    store = spec.store
+    C, T, L = len(spec.cameras), max(len(spec.tracking), 1), len(spec.olat)
+    H, W = spec.cameras[0].height, spec.cameras[0].width
+    exists = False
+    if Path(store).exists():
+        try:
+            root = zarr.open_group(store, mode="r")
+        except Exception as e:
+            raise IngestError(f"{store}: exists and is not a Zarr store ({e}); refusing to touch it") from None
+        if root.attrs.get("format") not in (None, STORE_FORMAT):
+            raise IngestError(f"{store}: not a lightstage store; refusing to write into it")
+        exists = spec.group in root
+    if exists and not cfg.overwrite:
+        g = zarr.open_group(store, mode="r+", path=spec.group)
+        old = (g.attrs.get("ingest") or {}).get("fingerprint")
+        if old != attrs["ingest"]["fingerprint"]:
+            raise IngestError(f"{store}: take {spec.group!r} exists and was made from other inputs "
+                              "or options; use --overwrite to replace it")
+        return g, True
+    g = create_take(store, spec.group.split("/")[0], spec.group.split("/")[1],
+                    cameras=[c.name for c in spec.cameras], n_lights=L, n_tracking=T, height=H,
+                    width=W, attrs=attrs, dtype=spec.dtype, scale=spec.scale,
+                    overwrite=cfg.overwrite)
+    _create_extra(g, C, T, L, H, W)
+    g.attrs["provenance"] = json.loads(json.dumps(provenance(**prov, skipped=[]), default=str))
+    return g, False
+
+
+# ---- executors -----------------------------------------------------------------------------
+
+
+class _Serial:
+    """In-process executor with the subset of the distributed.Client API used here."""
+
+    dashboard_link = None
+
+    def submit(self, fn, *args, **kw):
+        return ("done", fn(*args))
+
+    def close(self):
+        pass
+
+
+def _make_client(workers: int, scheduler: str | None):
+    if scheduler is None and workers <= 0:
+        return _Serial(), None
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler)
+        return client, None
+    # LibRaw + fork can deadlock (DESIGN.md): workers are spawned processes, one thread each
+    dask.config.set({"distributed.worker.multiprocessing-method": "spawn",
+                     "distributed.worker.daemon": False})
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           dashboard_address=":0", silence_logs=40)
+    return Client(cluster), cluster
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+
+def ingest(capture: str | Path, calibration: str | Path, out: str | Path, *,
+           config: IngestConfig | None = None, workers: int = 0, scheduler: str | None = None,
+           progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
+    """Ingest every subject/take below ``capture`` into the store ``out``.
+
+    Parameters
+    ----------
+    capture : capture folder (or one take folder / capture.json).
+    calibration : calibration file (lightstage-calibration JSON).
+    out : store path (``.zarr``); created if missing, other takes in it are untouched.
+    config : :class:`IngestConfig`.
+    workers : 0 = in process; N = LocalCluster of N spawned worker processes.
+    scheduler : address of an existing Dask scheduler (overrides ``workers``).
+    progress : ``callback(event, done, total)``; events ``"start"``, ``"image"``, ``"dashboard"``.
+
+    Returns
+    -------
+    IngestReport ; ``report.ok`` is False when some image could not be written (its error is in
+    ``report.errors`` and the image's ``done`` flag stays 0, so a rerun retries it).
+    """
+    cfg = config or IngestConfig()
+    if cfg.dtype not in ("float16", "float32"):
+        raise IngestError(f"dtype must be float16 or float32, got {cfg.dtype!r}")
+    t0 = time.perf_counter()
+    out = str(out)
+    cal = load_calibration(calibration)
+    manifests = find_manifests(capture)
+    if not manifests:
+        raise IngestError(f"{capture}: no capture.json found")
+    mans = [load_manifest(p) for p in manifests]
+    if cfg.subjects:
+        mans = [m for m in mans if m.subject in cfg.subjects]
+        if not mans:
+            raise IngestError(f"{capture}: none of the subjects {cfg.subjects} found")
+    plans = [_plan(m, cal, out, cfg, str(calibration)) for m in mans]
+    report = IngestReport(store=out)
+    takes = []
+    for spec, attrs, prov in plans:
+        g, resumed = _prepare_take(spec, attrs, prov, cfg)
+        takes.append((spec, g))
+        report.takes.append(spec.group)
+    total = sum(len(s.cameras) * (len(s.olat) + len(s.tracking)) for s, _ in takes)
+    client, cluster = _make_client(workers, scheduler)
+    report.dashboard = getattr(client, "dashboard_link", None)
+    if progress and report.dashboard:
+        progress("dashboard:" + str(report.dashboard), 0, total)
+    if progress:
+        progress("start", 0, total)
+    done_count = 0
+    try:
+        for spec, g in takes:
+            done_count = _run_take(spec, g, client, cfg, report, progress, done_count, total)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run_take(spec, g, client, cfg, report, progress, done_count, total) -> int:
+    C, L, T = len(spec.cameras), len(spec.olat), len(spec.tracking)
+    done = np.asarray(g["done"][...])
+    tdone = np.asarray(g["tracking_done"][...])
+    sums = np.asarray(g["checksum"][...])
+    tsums = np.asarray(g["tracking_checksum"][...])
+    prov = dict(g.attrs.get("provenance") or {})
+    skipped = list(prov.get("skipped") or [])
+    serial = isinstance(client, _Serial)
+
+    def tick(n=1):
+        nonlocal done_count
+        done_count += n
+        if progress:
+            progress("image", done_count, total)
+
+    def record_bad(entry):
+        report.skipped.append(entry)
+        if entry not in skipped:
+            skipped.append(entry)
+
+    def flush():
+        g["checksum"][...] = sums
+        g["done"][...] = done  # after the checksums: a set flag always has its checksum
+        g["tracking_checksum"][...] = tsums
+        g["tracking_done"][...] = tdone
+        p = dict(g.attrs.get("provenance") or {})
+        p["skipped"] = skipped
+        g.attrs["provenance"] = p
+
+    def handle_cam(res):
+        ci = res["camera"]
+        for b in res["bad"]:
+            if cfg.skip_bad:
+                record_bad(b)
+            else:
+                report.errors.append(b["error"])
+        if res["reference"] is None:
+            report.errors.append(f"{spec.group}: camera {spec.cameras[ci].name}: no tracking "
+                                 "frame could be decoded; its OLATs were not ingested")
+            return []
+        tsums[ci] = np.asarray(res["checksums"], np.uint64)
+        refs = list(g.attrs.get("reference_frames") or [None] * C)
+        refs[ci] = spec.tracking[res["reference"]]
+        g.attrs["reference_frames"] = refs
+        if not res["bad"] or cfg.skip_bad:
+            tdone[ci] = 1
+        tick(T)
+        flush()
+        return [(ci, li) for li in range(L) if done[ci, li] != DONE_WRITTEN]
+
+    def handle_olat(res):
+        ci, li = res["camera"], res["light"]
+        if "error" in res:
+            entry = {"camera": spec.cameras[ci].name, "frame": res["frame"], "kind": "olat",
+                     "error": res["error"]}
+            if cfg.skip_bad:
+                record_bad(entry)
+                done[ci, li] = DONE_SKIPPED
+            else:
+                report.errors.append(res["error"])
+        else:
+            sums[ci, li] = np.uint64(res["checksum"])
+            done[ci, li] = DONE_WRITTEN
+            report.written += 1
+        tick()
+
+    already = int((done == DONE_WRITTEN).sum())
+    report.resumed += already
+    # cameras whose tracking phase is complete go straight to their OLATs
+    todo_cams = [ci for ci in range(C) if not tdone[ci]]
+    ready = [(ci, li) for ci in range(C) if tdone[ci] for li in range(L) if done[ci, li] != DONE_WRITTEN]
+    tick(already + T * (C - len(todo_cams)))
+    # flags of finished images are flushed at least every second and on the way out (also on
+    # Ctrl-C); a hard kill loses at most the last second of flags, whose images are redone
+    try:
+        if serial:
+            last = time.monotonic()
+            for ci in todo_cams:
+                ready += handle_cam(camera_task(spec, ci))
+            for ci, li in ready:
+                handle_olat(olat_task(spec, ci, li))
+                if time.monotonic() - last > 1.0:
+                    flush()
+                    last = time.monotonic()
+            return done_count
+        from distributed import as_completed
+
+        spec_f = client.scatter(spec, broadcast=True)
+        futs = [client.submit(camera_task, spec_f, ci, pure=False) for ci in todo_cams]
+        futs += [client.submit(olat_task, spec_f, ci, li, pure=False) for ci, li in ready]
+        ac = as_completed(futs, with_results=True)
+        last = time.monotonic()
+        for fut, res in ac:
+            if "reference" in res:
+                for ci, li in handle_cam(res):
+                    ac.add(client.submit(olat_task, spec_f, ci, li, pure=False))
+            else:
+                handle_olat(res)
+            if time.monotonic() - last > 1.0:
+                flush()
+                last = time.monotonic()
+        return done_count
+    finally:
+        flush()
+
+
+# ---- verify --------------------------------------------------------------------------------
+
+
+def verify_store(store: str | Path, progress: Callable[[str, int, int], None] | None = None) -> list[str]:
+    """Check every take of a store: completeness (``done`` flags, skipped images listed in
+    provenance) and each written image's checksum. Returns a list of problems (empty = OK)."""
+    store = str(store)
+    try:
+        takes = list_takes(store)
+    except Exception as e:
+        return [f"{store}: not a readable Zarr store ({e})"]
+    problems: list[str] = []
+    root = zarr.open_group(store, mode="r")
+    if root.attrs.get("format") != STORE_FORMAT:
+        return [f"{store}: not a lightstage store"]
+    if not takes:
+        return [f"{store}: no takes"]
+    total = 0
+    for s, t in takes:
+        total += int(np.prod(root[f"{s}/{t}/done"].shape))
+    k = 0
+    for s, t in takes:
+        g = root[f"{s}/{t}"]
+        path = f"{s}/{t}"
+        for name in ("olat", "valid", "done", "checksum", "tracking", "tracking_checksum"):
+            if name not in g:
+                problems.append(f"{path}: missing array {name!r}")
+        if problems:
+            continue
+        cams = list(g.attrs.get("cameras", []))
+        done = np.asarray(g["done"][...])
+        sums = np.asarray(g["checksum"][...])
+        skipped = (g.attrs.get("provenance") or {}).get("skipped") or []
+        frames = list(g.attrs.get("olat_frames", []))
+        for ci in range(done.shape[0]):
+            for li in range(done.shape[1]):
+                k += 1
+                name = f"{path} camera {cams[ci] if ci < len(cams) else ci} light {li}"
+                if done[ci, li] == DONE_TODO:
+                    problems.append(f"{name}: missing (not written)")
+                elif done[ci, li] == DONE_SKIPPED:
+                    fr = frames[li] if li < len(frames) else None
+                    if not any(e.get("frame") == fr and e.get("camera") == cams[ci] for e in skipped):
+                        problems.append(f"{name}: marked skipped but not listed in provenance")
+                else:
+                    got = image_checksum(g["olat"][ci, li], g["valid"][ci, li])
+                    if np.uint64(got) != sums[ci, li]:
+                        problems.append(f"{name}: checksum mismatch (data changed or corrupt)")
+                if progress:
+                    progress("image", k, total)
+        tdone = np.asarray(g["tracking_done"][...]) if "tracking_done" in g else None
+        tsums = np.asarray(g["tracking_checksum"][...])
+        tok = np.asarray(g["tracking_ok"][...]) if "tracking_ok" in g else None
+        for ci in range(tsums.shape[0]):
+            if tdone is not None and not tdone[ci]:
+                problems.append(f"{path} camera {cams[ci]}: tracking phase incomplete")
+                continue
+            for j in range(tsums.shape[1]):
+                if tok is not None and not tok[ci, j]:
+                    continue
+                if np.uint64(image_checksum(g["tracking"][ci, j])) != tsums[ci, j]:
+                    problems.append(f"{path} camera {cams[ci]} tracking {j}: checksum mismatch")
+    return problems
