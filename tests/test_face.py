@@ -15,12 +15,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from lightstage.camera import EG3D_FRONT_CAM2WORLD, eg3d_label
 from model import face as F
 
 needs_detector = pytest.mark.skipif(not F.detector_available(),
                                     reason="facenet-pytorch (MTCNN weights) not installed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The CI/dev machines are small and shared: one intra-op thread is faster than two
+    # contending ones for MTCNN's small networks (and is the house rule of one core per file).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
