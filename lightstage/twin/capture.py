@@ -246,7 +246,7 @@ def _init_worker(state: dict[str, Any]) -> None:
     _W.update(state)
     _W["scenes"] = {}
     _W["vig"] = {}
-    _W["plan"] = None
+    _W["plan"] = state.get("plan")  # in-process runs reuse the caller's plan
 
 
 def _scene(subject_index: int):
@@ -313,6 +313,22 @@ def _frame_task(task: tuple) -> tuple:
     return ("frame", si, frame_index, cam.name, files)
 
 
+def _truth_task(task: tuple) -> tuple:
+    """Per-camera geometry truth at the rest pose: npz + the store's mask."""
+    si, subject, ci = task
+    rig: Rig = _W["rig"]
+    cam = rig.cameras[ci]
+    truth = _W["out"] / subject / TAKE / "truth"
+    tr = _scene(si).truth(cam, pose=None)
+    _write_npz(truth / "cameras" / f"{cam.name}.npz", {k: np.asarray(v) for k, v in tr.items()})
+    import zarr
+
+    g = zarr.open_group(str(truth / "truth.zarr"), mode="r+")[f"{subject}/{TAKE}"]
+    # mask chunks are one camera each: parallel tasks never share a chunk
+    g["mask"][ci] = np.where(np.asarray(tr["mask"]) > 0, 255, 0).astype(np.uint8)
+    return ("truth", si, cam.name, None)
+
+
 def _calibration_plan():
     if _W["plan"] is None:
         from .targets import calibration_plan
@@ -338,17 +354,20 @@ def _calibration_task(task: tuple) -> tuple:
     return ("calibration", shot_index, cam_name, files)
 
 
+_TASKS = {"frame": _frame_task, "truth": _truth_task, "calibration": _calibration_task}
+
+
 def _run_task(task: tuple) -> tuple:
-    return _frame_task(task[1]) if task[0] == "frame" else _calibration_task(task[1])
+    return _TASKS[task[0]](task[1])
 
 
 # ---- driver -----------------------------------------------------------------------------------------
 
 
-def _run(tasks: list[tuple], state: dict, workers: int,
-         on_result: Callable[[tuple], None]) -> None:
+def _run(tasks: list[tuple], state: dict, workers: int, on_result: Callable[[tuple], None],
+         plan: list | None = None) -> None:
     if workers <= 1:
-        _init_worker(state)
+        _init_worker({**state, "plan": plan})
         for t in tasks:
             on_result(_run_task(t))
         return
@@ -412,7 +431,8 @@ def simulate(
     seed : global seed; same seed (and arguments) -> same bytes, for any ``workers``
     noise : False gives the exact expected (rounded) raw values
     workers : processes (spawn context); 1 runs in this process
-    progress : ``progress(done, total)`` after every finished (frame, camera) task
+    progress : ``progress(done, total)`` after every finished task (one camera's frame, one
+        camera's truth or one camera's calibration shot)
     frames : subset of sequence frame indices (``"a:b"`` or an iterable); default all
     calibration : simulate ``targets.calibration_plan`` shots (a dict passes keyword arguments
         to it, e.g. ``{"lights": [0, 1], "n_board_poses": 2}``); skipped if the targets module
@@ -517,12 +537,9 @@ def simulate(
         g = create_take(truth / "truth.zarr", subject, TAKE, cameras=[c.name for c in rig.cameras],
                         n_lights=len(olat_frames), n_tracking=len(track_frames), height=H, width=W,
                         attrs=attrs, dtype="float32", scale=1.0)
-        for ci, cam in enumerate(rig.cameras):
-            tr = spec.scene.truth(cam, pose=None)
-            arrays = {k: np.asarray(v) for k, v in tr.items()}
-            _write_npz(truth / "cameras" / f"{cam.name}.npz", arrays)
-            g["mask"][ci] = np.where(np.asarray(tr["mask"]) > 0, 255, 0).astype(np.uint8)
         del spec
+        for ci in range(rig.n_cameras):
+            tasks.append(("truth", (si, subject, ci)))
         for f in frame_list:
             fr = rig.sequence[f]
             o_slot = olat_frames.index(f) if fr.kind == "olat" else None
@@ -543,7 +560,8 @@ def simulate(
 
     if progress is not None:
         progress(0, total)
-    _run(tasks, state, workers, on_result)
+    # spawned workers rebuild the calibration plan (cheaper than pickling its textures)
+    _run(tasks, state, workers, on_result, plan=cal_shots or None)
 
     # manifests, done flags and calibration index, in a fixed order (bytes do not depend on
     # which worker finished first)
