@@ -71,6 +71,7 @@ def merge_bracket(
     *,
     weighting: str = "snr",
     saturation: float = 1.0,
+    with_valid: bool = True,
 ) -> MergeResult:
     """Merge a bracket of linear images.
 
@@ -82,6 +83,7 @@ def merge_bracket(
         omitted, samples ``>= saturation`` count as clipped (``"snr"`` only).
     weighting : ``"snr"`` or ``"debevec"`` (see the module docstring).
     saturation : threshold used when ``saturated`` is not given.
+    with_valid : compute ``valid`` (``"debevec"`` only; without it ``valid`` is all True).
 
     Returns
     -------
@@ -103,7 +105,7 @@ def merge_bracket(
         raise ValueError(f"merge_bracket: exposures must be positive, got {e}")
     if weighting == "snr":
         return _merge_snr(values, e, saturated, saturation)
-    return _merge_debevec(values, e)
+    return _merge_debevec(values, e, with_valid)
 
 
 def _bcast(mask: np.ndarray | None, tile_shape, sl):
@@ -146,7 +148,7 @@ def _merge_snr(values, e, saturated, saturation) -> MergeResult:
     return MergeResult(out, valid)
 
 
-def _merge_debevec(values, e) -> MergeResult:
+def _merge_debevec(values, e, with_valid: bool = True) -> MergeResult:
     lo, hi = 0.01, 0.99
     mid = np.float32(0.5 * (lo + hi))
     shape = values[0].shape
@@ -161,14 +163,18 @@ def _merge_debevec(values, e) -> MergeResult:
     wmax = []
     for v in values:
         dmin = np.inf
+        t = np.empty((step,) + shape[1:], np.float32)
         for y0 in range(0, H, step):
-            t = np.clip(np.asarray(v[y0:y0 + step], np.float32), eps, 1)
-            t -= mid
-            dmin = min(dmin, float(np.abs(t, out=t).min()))
+            n = min(H, y0 + step) - y0
+            # the [eps, 1] clip cannot move a sample closer to the centre 0.5: skip it
+            np.subtract(v[y0:y0 + n], mid, out=t[:n])
+            dmin = min(dmin, float(np.abs(t[:n], out=t[:n]).min()))
+        if dmin > 0.5 - _EPS:  # every sample outside [eps, 1]: clip, as colour-hdri does
+            dmin = float(np.abs(np.clip(np.asarray(v, np.float32), eps, 1) - mid).min())
         wmax.append(np.float32(max((hi - lo) / 2 - dmin, 0.0)))
     inv_e = [np.float32(1.0 / x) for x in e]
     out = np.empty(shape, np.float32)
-    valid = np.zeros(shape[:2], bool)
+    valid = np.zeros(shape[:2], bool) if with_valid else np.ones(shape[:2], bool)
     for y0 in range(0, H, step):
         sl = slice(y0, min(H, y0 + step))
         tshape = (sl.stop - y0,) + shape[1:]
@@ -185,8 +191,9 @@ def _merge_debevec(values, e) -> MergeResult:
             np.subtract(z, np.float32(lo), out=w)
             np.subtract(np.float32(hi), z, out=t)
             np.minimum(w, t, out=w)
-            np.greater(w, 0, out=b)
-            vis |= b
+            if with_valid:
+                np.greater(w, 0, out=b)
+                vis |= b
             if wmax[k] > 0:
                 w *= np.float32(1.0) / wmax[k]
             np.clip(w, eps, 1, out=w)  # also zeroes (to eps) the hat outside [lo, hi]
@@ -201,5 +208,6 @@ def _merge_debevec(values, e) -> MergeResult:
             w *= z
             num += w
         np.divide(num, den, out=out[sl])
-        valid[sl] = vis if vis.ndim == 2 else vis.all(axis=-1)
+        if with_valid:
+            valid[sl] = vis if vis.ndim == 2 else vis.all(axis=-1)
     return MergeResult(out, valid)
