@@ -154,9 +154,10 @@ def _presets() -> dict[str, GeneratorConfig]:
     eg3d = GeneratorConfig(render=RenderOptions.from_kwargs(EG3D_FFHQ_RENDERING_KWARGS, mode="eg3d"))
     tiny = GeneratorConfig(
         z_dim=128, w_dim=128, mapping_layers=2, plane_resolution=64, plane_channels=16,
-        channel_base=4096, channel_max=128, neural_rendering_resolution=32, img_resolution=64,
+        channel_base=2048, channel_max=64, neural_rendering_resolution=32, img_resolution=64,
         sr_channels=(32,), sr_input_resolution=32, sr_conv_clamp=None, decoder_output_dim=16,
-        render=RenderOptions(depth_resolution=24, depth_resolution_importance=24, ray_start=2.25,
+        decoder_hidden=32,
+        render=RenderOptions(depth_resolution=16, depth_resolution_importance=16, ray_start=2.25,
                              ray_end=3.3, box_warp=1.0, mode="clean", deterministic=False),
     )
     small = replace(tiny, z_dim=256, w_dim=256, plane_resolution=128, plane_channels=32,
