@@ -274,7 +274,8 @@ class StarScene:
             with np.errstate(invalid="ignore"):
                 lo, hi = cs.min(0), cs.max(0)  # misses are inf: lo = nearest coarse hit
             anyhit = np.isfinite(lo)
-            sure = np.isfinite(hi) & (hi - lo < 0.01)
+            with np.errstate(invalid="ignore"):
+                sure = np.isfinite(hi) & (hi - lo < 0.01)
             wyb, wxb = wy[Y], wx[None, :]
             with np.errstate(invalid="ignore"):
                 guess = (c00 * (1 - wxb) + c01 * wxb) * (1 - wyb) + (

@@ -138,6 +138,8 @@ def _ellipsoid_r(s, c, e, a):
     A = (sa * sa).sum(1)
     B = sa @ ca
     C = ca @ ca - 1.0
+    if C >= 0:
+        raise ValueError("ellipsoid does not contain the star centre")
     return (-B + np.sqrt(B * B - A * C)) / A
 
 
@@ -206,7 +208,7 @@ def head_radius_field(p: SubjectParams, s: np.ndarray) -> tuple[np.ndarray, dict
         np.array([0.061 * W * p.jaw_width, 0.082 + p.chin_drop / 2, 0.084 * D]),
     )
     # a long ellipsoid rather than a capped cylinder: smooth everywhere, ~cylindrical in frame
-    neck = _ellipsoid_r(s, c, np.array([0, -0.13, -0.018 * D]), np.array([0.054 * W, 0.16, 0.054 * W]))
+    neck = _ellipsoid_r(s, c, np.array([0, -0.12, -0.018 * D]), np.array([0.054 * W, 0.18, 0.054 * W]))
     R = _smax([cran, jaw, neck], 0.007)
     region = {}
     face_z = 0.085 * D  # approximate face-front z at eye level
