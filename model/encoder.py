@@ -54,6 +54,7 @@ __all__ = [
     "psnr",
     "invert",
     "refine_latent",
+    "encode_portrait",
     "save_encoder",
     "load_encoder",
     "ENCODER_FORMAT",
@@ -360,6 +361,24 @@ def invert(encoder: PortraitEncoder | None, G, image: torch.Tensor, c: torch.Ten
         rec = _render(G, ws, c, planes)
         score = psnr(rec, image, mask)
     return InversionResult(ws=ws, planes=planes, image=rec, psnr=score, history=hist)
+
+
+def encode_portrait(prepared, G, encoder: PortraitEncoder | None, refine_steps: int = 0,
+                    operator: str = "aces", exposure_ev: float = 0.0,
+                    refine_lr: float = 0.01) -> InversionResult:
+    """Invert one portrait prepared by :func:`model.face.prepare_portrait`.
+
+    Parameters
+    ----------
+    prepared : a ``PreparedPortrait`` (linear crop [R, R, 3] + EG3D label), ideally prepared at
+        ``G.cfg.img_resolution`` (it is resampled otherwise).
+    G, encoder, refine_steps, refine_lr : see :func:`invert`.
+    operator, exposure_ev : the prior's fixed display transform (see :func:`to_generator_domain`).
+    """
+    lin = torch.from_numpy(np.ascontiguousarray(prepared.image)).permute(2, 0, 1)[None].float()
+    img = to_generator_domain(lin, operator, exposure_ev)
+    c = torch.from_numpy(np.asarray(prepared.label, np.float32))[None]
+    return invert(encoder, G, img, c, refine_steps=refine_steps, refine_lr=refine_lr)
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -188,7 +188,7 @@ def test_real_training_run_beats_mean_latent_on_held_out_twin_subjects(tmp_path)
     seeds = [10_000 + i for i in range(6) for _ in range(3)]
     lab = look_at_labels(rng.uniform(-0.5, 0.5, len(seeds)), rng.uniform(-0.25, 0.25, len(seeds)))
     ti, _ = render_twin_views(seeds, lab, R)
-    cfg = EncoderTrainConfig(steps=300, batch=8, lr=2e-3, pool_size=128, refresh=0, image_every=4,
+    cfg = EncoderTrainConfig(steps=240, batch=8, lr=2e-3, pool_size=128, refresh=0, image_every=0,
                              twin_subjects=6, twin_every=3, seed=0)
     enc, _ = train_encoder(Gt, cfg, twin=(ti, torch.from_numpy(lab)))
     hs = [90_000 + i for i in range(3) for _ in range(2)]
