@@ -1,0 +1,417 @@
+"""Geometric calibration: planar-target detection (ChArUco, chessboard), per-camera intrinsics
+and the joint bundle adjustment of every camera and board pose in the world frame.
+
+World frame (docs/conventions.md: metres, y up, origin at the rig centre): the gauge of a
+multi-camera calibration is fixed by a *reference board pose*, the pose at which the stage's
+fixture holds the board (``board2world`` of one view, known from the stage's design, as the
+twin's ``truth['known']['board2world']`` of board pose 0). That pose is held fixed in the
+bundle adjustment, so translation, rotation and scale (from the board's square size) all
+come from it. Without a reference, the first view's board frame is the world.
+
+Pipeline::
+
+    det   = detect_charuco(image, board)                 per camera and view: ids, corners
+    init  = calibrate_camera(...)                        cv2.calibrateCamera per camera
+    rig   = calibrate_rig(detections, ...)               chain poses, then joint BA (scipy)
+
+References
+----------
+Zhang, Z. (2000). A flexible new technique for camera calibration. IEEE TPAMI 22(11).
+Triggs, B. et al. (2000). Bundle adjustment: a modern synthesis. Vision Algorithms.
+Garrido-Jurado, S. et al. (2014). ArUco markers. Pattern Recognition 47(6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lightstage.camera import distort_normalised
+from lightstage.twin.targets import BoardSpec, charuco_board
+
+__all__ = [
+    "GeometryError",
+    "Detection",
+    "PlanarPattern",
+    "charuco_pattern",
+    "chessboard_pattern",
+    "parse_board",
+    "DISTORTION_MODELS",
+    "calibrate_camera",
+    "RigGeometry",
+    "calibrate_rig",
+    "reprojection_errors",
+]
+
+
+class GeometryError(RuntimeError):
+    """Geometric calibration impossible (too few views, degenerate, disconnected)."""
+
+
+@dataclass
+class Detection:
+    """Corners of one pattern seen in one image: ids (N,) and pixel positions (N, 2)."""
+
+    ids: np.ndarray
+    corners: np.ndarray
+
+
+@dataclass
+class PlanarPattern:
+    """A planar calibration pattern: object points (M, 3) on z = 0 (metres) and a detector
+    ``detect(grey_u8) -> Detection | None``."""
+
+    name: str
+    object_points: np.ndarray
+    detect: object
+    min_corners: int = 6
+
+
+def parse_board(text: str) -> BoardSpec:
+    """``"5x7:0.04:0.02:DICT_6X6_250"`` (columns x rows : square : marker : dictionary)."""
+    import cv2
+
+    try:
+        dims, sq, mk, dic = text.split(":")
+        c, r = (int(v) for v in dims.lower().split("x"))
+        spec = BoardSpec((c, r), float(sq), float(mk), dic.strip())
+    except ValueError:
+        raise ValueError(f"board {text!r}: expected COLSxROWS:SQUARE:MARKER:DICT, "
+                         "e.g. 5x7:0.04:0.02:DICT_6X6_250") from None
+    if not hasattr(cv2.aruco, spec.dictionary):
+        raise ValueError(f"board {text!r}: unknown ArUco dictionary {spec.dictionary!r}")
+    if not 0 < spec.marker < spec.square:
+        raise ValueError(f"board {text!r}: marker must be positive and smaller than the square")
+    return spec
+
+
+def charuco_pattern(spec: BoardSpec) -> PlanarPattern:
+    """ChArUco detection with OpenCV 5's ``CharucoDetector`` (corner ids and sub-pixel
+    positions; partial views are fine)."""
+    import cv2
+
+    board = charuco_board(spec)
+    det = cv2.aruco.CharucoDetector(board)
+
+    def detect(grey: np.ndarray):
+        cc, ids, _, _ = det.detectBoard(grey)
+        if ids is None or len(ids) < 4:
+            return None
+        return Detection(ids.ravel().astype(int), cc.reshape(-1, 2).astype(np.float64))
+
+    return PlanarPattern(f"charuco {spec.squares[0]}x{spec.squares[1]}",
+                         np.asarray(board.getChessboardCorners(), np.float64), detect)
+
+
+def chessboard_pattern(inner: tuple[int, int], square: float = 1.0) -> PlanarPattern:
+    """A plain chessboard of ``inner`` (columns, rows) inner corners; all-or-nothing."""
+    import cv2
+
+    cols, rows = inner
+    obj = np.zeros((cols * rows, 3))
+    obj[:, :2] = np.mgrid[0:cols, 0:rows].T.reshape(-1, 2) * square
+
+    def detect(grey: np.ndarray):
+        ok, c = cv2.findChessboardCorners(grey, (cols, rows),
+                                          cv2.CALIB_CB_ADAPTIVE_THRESH | cv2.CALIB_CB_NORMALIZE_IMAGE)
+        if not ok:
+            return None
+        c = cv2.cornerSubPix(grey, c, (11, 11), (-1, -1),
+                             (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 50, 1e-3))
+        return Detection(np.arange(cols * rows), c.reshape(-1, 2).astype(np.float64))
+
+    return PlanarPattern(f"chessboard {cols}x{rows}", obj, detect, min_corners=cols * rows)
+
+
+DISTORTION_MODELS = {
+    "none": (),
+    "k1": ("k1",),
+    "k1k2": ("k1", "k2"),
+    "k1k2p1p2": ("k1", "k2", "p1", "p2"),
+    "k1k2p1p2k3": ("k1", "k2", "p1", "p2", "k3"),
+}
+_DIST_INDEX = {"k1": 0, "k2": 1, "p1": 2, "p2": 3, "k3": 4}
+
+
+def _flags(model: str) -> int:
+    import cv2
+
+    if model not in DISTORTION_MODELS:
+        raise ValueError(f"distortion model {model!r}: choose one of {sorted(DISTORTION_MODELS)}")
+    free = DISTORTION_MODELS[model]
+    f = 0
+    for name, flag in (("k1", cv2.CALIB_FIX_K1), ("k2", cv2.CALIB_FIX_K2), ("k3", cv2.CALIB_FIX_K3)):
+        if name not in free:
+            f |= flag
+    if "p1" not in free:
+        f |= cv2.CALIB_ZERO_TANGENT_DIST
+    return f
+
+
+def calibrate_camera(pattern: PlanarPattern, detections: list[Detection],
+                     image_size: tuple[int, int], name: str = "camera",
+                     distortion: str = "k1k2p1p2"):
+    """Intrinsics of one camera from its views (``cv2.calibrateCamera``).
+
+    Parameters
+    ----------
+    image_size : (height, width)
+    distortion : a key of :data:`DISTORTION_MODELS` (the coefficients left free; narrow
+        fields of view cannot measure k2/k3: fix what the data cannot see)
+
+    Returns
+    -------
+    rms, K (3, 3), dist (5,), list of board2cam (4, 4) per detection
+    """
+    import cv2
+
+    views = [d for d in detections if d is not None and len(d.ids) >= pattern.min_corners]
+    if len(views) < 3:
+        raise GeometryError(f"{name}: {len(views)} usable view(s) of the {pattern.name}; "
+                            "intrinsics need at least 3 views at different tilts")
+    obj = [pattern.object_points[d.ids].astype(np.float32) for d in views]
+    img = [d.corners.astype(np.float32).reshape(-1, 1, 2) for d in views]
+    H, W = image_size
+    rms, K, dist, rvecs, tvecs = cv2.calibrateCamera(obj, img, (W, H), None, None,
+                                                     flags=_flags(distortion))
+    if not np.isfinite(rms) or K[0, 0] <= 0:
+        raise GeometryError(f"{name}: calibration diverged (degenerate views?)")
+    poses = []
+    for rv, tv in zip(rvecs, tvecs):
+        m = np.eye(4)
+        m[:3, :3] = cv2.Rodrigues(rv)[0]
+        m[:3, 3] = tv.ravel()
+        poses.append(m)
+    d5 = np.zeros(5)
+    d5[: min(5, dist.size)] = dist.ravel()[:5]
+    return float(rms), K, d5, poses
+
+
+# ---- joint bundle adjustment --------------------------------------------------------------------
+
+
+@dataclass
+class RigGeometry:
+    """Result of :func:`calibrate_rig` (camera order = ``names``)."""
+
+    names: list[str]
+    K: dict[str, np.ndarray]
+    dist: dict[str, np.ndarray]
+    cam2world: dict[str, np.ndarray]
+    board2world: dict[int, np.ndarray]
+    rms: dict[str, float]
+    n_views: dict[str, int]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _rotvec_to_R(rv: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_rotvec(rv).as_matrix()
+
+
+def _R_to_rotvec(R: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_matrix(R).as_rotvec()
+
+
+def _project(obj_board, b2w_R, b2w_t, w2c_R, w2c_t, intr):
+    """Vectorised projection of board points through per-observation poses and intrinsics
+    (fx, fy, cx, cy, k1, k2, p1, p2, k3)."""
+    Xw = np.einsum("nij,nj->ni", b2w_R, obj_board) + b2w_t
+    Xc = np.einsum("nij,nj->ni", w2c_R, Xw) + w2c_t
+    xy = Xc[:, :2] / Xc[:, 2:3]
+    k1, k2, p1, p2, k3 = intr[:, 4], intr[:, 5], intr[:, 6], intr[:, 7], intr[:, 8]
+    x, y = xy[:, 0], xy[:, 1]
+    r2 = x * x + y * y
+    rad = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 ** 3
+    xd = x * rad + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * rad + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return np.stack([intr[:, 0] * xd + intr[:, 2], intr[:, 1] * yd + intr[:, 3]], axis=1)
+
+
+def reprojection_errors(pattern: PlanarPattern, det: Detection, K, dist, board2cam) -> np.ndarray:
+    """(N,) pixel distances between detected and reprojected corners of one view."""
+    X = pattern.object_points[det.ids] @ board2cam[:3, :3].T + board2cam[:3, 3]
+    xy = distort_normalised(X[:, :2] / X[:, 2:3], dist)
+    uv = np.stack([K[0, 0] * xy[:, 0] + K[0, 1] * xy[:, 1] + K[0, 2], K[1, 1] * xy[:, 1] + K[1, 2]], 1)
+    return np.linalg.norm(uv - det.corners, axis=1)
+
+
+def calibrate_rig(pattern: PlanarPattern, detections: dict[str, dict[int, Detection | None]],
+                  image_sizes: dict[str, tuple[int, int]], reference: tuple[int, np.ndarray] | None = None,
+                  distortion: str = "k1k2p1p2", robust: bool = True,
+                  progress=None) -> RigGeometry:
+    """Calibrate every camera's intrinsics and all extrinsics jointly.
+
+    Parameters
+    ----------
+    detections : ``{camera: {view index: Detection or None}}`` (None: pattern not found)
+    image_sizes : ``{camera: (height, width)}``
+    reference : ``(view, board2world)``: the board pose that defines the world frame; default
+        the first view with detections, as the identity
+    distortion : distortion model, a key of :data:`DISTORTION_MODELS`
+    robust : soft-L1 loss (1 px scale) against stray corners
+
+    Cameras that cannot be calibrated (too few views, not linked to the reference through
+    shared views) are listed in ``failed`` with the reason; raises :class:`GeometryError` if
+    none can be.
+    """
+    from scipy.optimize import least_squares
+
+    failed: dict[str, str] = {}
+    init: dict[str, tuple] = {}
+    for cam, views in detections.items():
+        items = [(v, d) for v, d in sorted(views.items())
+                 if d is not None and len(d.ids) >= pattern.min_corners]
+        try:
+            rms, K, dist, poses = calibrate_camera(pattern, [d for _, d in items], image_sizes[cam],
+                                                   cam, distortion)
+        except GeometryError as e:
+            failed[cam] = str(e)
+            continue
+        init[cam] = (K, dist, {v: (d, P) for (v, d), P in zip(items, poses)}, rms)
+        if progress:
+            progress(cam)
+    if not init:
+        raise GeometryError("no camera could be calibrated:\n  " +
+                            "\n  ".join(f"{k}: {v}" for k, v in failed.items()))
+
+    # gauge: the reference board pose
+    if reference is None:
+        v0 = min(v for c in init.values() for v in c[2])
+        reference = (v0, np.eye(4))
+    ref_view, ref_pose = reference[0], np.asarray(reference[1], np.float64)
+    b2w: dict[int, np.ndarray] = {ref_view: ref_pose}
+    c2w: dict[str, np.ndarray] = {}
+    # chain: place cameras that see a placed board, then boards seen by placed cameras
+    changed = True
+    while changed:
+        changed = False
+        for cam, (K, dist, views, _) in init.items():
+            if cam in c2w:
+                continue
+            seen = [(len(views[v][0].ids), v) for v in views if v in b2w]
+            if seen:
+                _, v = max(seen)
+                c2w[cam] = b2w[v] @ np.linalg.inv(views[v][1])
+                changed = True
+        for cam in c2w:
+            for v, (_, P) in init[cam][2].items():
+                if v not in b2w:
+                    b2w[v] = c2w[cam] @ P
+                    changed = True
+    for cam in list(init):
+        if cam not in c2w:
+            failed[cam] = (f"{cam}: shares no board view with the cameras linked to the "
+                           f"reference pose (view {ref_view})")
+            del init[cam]
+    if not init:
+        raise GeometryError(f"no camera sees the reference board pose (view {ref_view})")
+
+    names = sorted(init)
+    views = sorted(v for v in b2w if v != ref_view)
+    vidx = {v: i for i, v in enumerate(views)}
+    n_intr = 9
+    free_intr = [0, 1, 2, 3] + [4 + _DIST_INDEX[n] for n in DISTORTION_MODELS[distortion]]
+    nI = len(free_intr)
+    nC = nI + 6
+    obs_cam, obs_view, obs_obj, obs_uv = [], [], [], []
+    for ci, cam in enumerate(names):
+        for v, (d, _) in init[cam][2].items():
+            obs_cam.append(np.full(len(d.ids), ci))
+            obs_view.append(np.full(len(d.ids), v))
+            obs_obj.append(pattern.object_points[d.ids])
+            obs_uv.append(d.corners)
+    obs_cam = np.concatenate(obs_cam)
+    obs_view = np.concatenate(obs_view)
+    obs_obj = np.concatenate(obs_obj)
+    obs_uv = np.concatenate(obs_uv)
+    if len(obs_uv) < 3 * nC:
+        raise GeometryError(f"too few corners ({len(obs_uv)}) for {len(names)} cameras")
+
+    x0 = []
+    base_intr = {}
+    for cam in names:
+        K, dist = init[cam][0], init[cam][1]
+        full = np.array([K[0, 0], K[1, 1], K[0, 2], K[1, 2], *dist[:5]])
+        base_intr[cam] = full
+        w2c = np.linalg.inv(c2w[cam])
+        x0 += list(full[free_intr]) + list(_R_to_rotvec(w2c[:3, :3])) + list(w2c[:3, 3])
+    for v in views:
+        x0 += list(_R_to_rotvec(b2w[v][:3, :3])) + list(b2w[v][:3, 3])
+    x0 = np.asarray(x0, np.float64)
+    nCam = len(names)
+
+    def unpack(x):
+        intr = np.stack([base_intr[c].copy() for c in names])
+        cams = x[: nCam * nC].reshape(nCam, nC)
+        intr[:, free_intr] = cams[:, :nI]
+        w2c_R = _rotvec_to_R(cams[:, nI:nI + 3])
+        w2c_t = cams[:, nI + 3:]
+        vp = x[nCam * nC:].reshape(-1, 6)
+        bR = np.concatenate([ref_pose[None, :3, :3], _rotvec_to_R(vp[:, :3]).reshape(-1, 3, 3)])
+        bt = np.concatenate([ref_pose[None, :3, 3], vp[:, 3:]])
+        return intr, w2c_R, w2c_t, bR, bt
+
+    vi = np.array([0 if v == ref_view else vidx[v] + 1 for v in obs_view])
+
+    def residuals(x):
+        intr, wR, wt, bR, bt = unpack(x)
+        uv = _project(obs_obj, bR[vi], bt[vi], wR[obs_cam], wt[obs_cam], intr[obs_cam])
+        return (uv - obs_uv).ravel()
+
+    # Jacobian by grouped forward differences: parameter k of *every* camera can be stepped
+    # at once (cameras share no residual rows), likewise for the board poses, so a Jacobian
+    # costs nC + 6 residual evaluations whatever the rig size
+    n_obs = len(obs_uv)
+    rows = np.arange(2 * n_obs)
+    cam_of_row = np.repeat(obs_cam, 2)
+    view_of_row = np.repeat(vi, 2) - 1  # -1: reference view (fixed)
+    n_par = len(x0)
+
+    def jac(x):
+        J = np.zeros((2 * n_obs, n_par))
+        f0 = residuals(x)
+        for k in range(nC):
+            cols = np.arange(nCam) * nC + k
+            h = 1e-7 * np.maximum(1.0, np.abs(x[cols]))
+            xp = x.copy()
+            xp[cols] += h
+            J[rows, cam_of_row * nC + k] = (residuals(xp) - f0) / h[cam_of_row]
+        vr = view_of_row >= 0
+        for k in range(6):
+            cols = nCam * nC + np.arange(len(views)) * 6 + k
+            if len(cols) == 0:
+                continue
+            h = 1e-7 * np.maximum(1.0, np.abs(x[cols]))
+            xp = x.copy()
+            xp[cols] += h
+            J[rows[vr], nCam * nC + view_of_row[vr] * 6 + k] = \
+                (residuals(xp) - f0)[vr] / h[view_of_row[vr]]
+        return J
+
+    res = least_squares(residuals, x0, jac=jac, method="trf", tr_solver="exact", x_scale="jac",
+                        loss="soft_l1" if robust else "linear", f_scale=1.0, xtol=1e-10,
+                        ftol=1e-10, gtol=1e-10, max_nfev=100)
+    intr, wR, wt, bR, bt = unpack(res.x)
+    r = residuals(res.x).reshape(-1, 2)
+    out_K, out_d, out_c2w, rms, nviews = {}, {}, {}, {}, {}
+    for ci, cam in enumerate(names):
+        f = intr[ci]
+        out_K[cam] = np.array([[f[0], 0, f[2]], [0, f[1], f[3]], [0, 0, 1.0]])
+        out_d[cam] = f[4:9].copy()
+        w2c = np.eye(4)
+        w2c[:3, :3], w2c[:3, 3] = wR[ci], wt[ci]
+        out_c2w[cam] = np.linalg.inv(w2c)
+        e = r[obs_cam == ci]
+        rms[cam] = float(np.sqrt(np.mean(np.sum(e * e, axis=1))))
+        nviews[cam] = len(init[cam][2])
+    boards = {ref_view: ref_pose}
+    for v in views:
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = bR[vidx[v] + 1], bt[vidx[v] + 1]
+        boards[v] = m
+    return RigGeometry(names, out_K, out_d, out_c2w, boards, rms, nviews, failed)

@@ -1,0 +1,279 @@
+"""Light calibration from spheres: positions and directions from a chrome (mirror) ball's
+highlights, linear RGB intensities from a white Lambertian ball.
+
+* Sphere centre: sub-pixel silhouette edge points of every camera are back-projected to rays;
+  the centre is the point whose distance to every ray equals the (known) radius, fitted by
+  least squares jointly over the cameras (one camera suffices with the radius known).
+* Highlight: intensity-weighted centroid of the brightest blob on the ball; its ray meets the
+  sphere at x with normal n, and the light lies on the mirror ray ``x + s r``,
+  ``r = d - 2 (d.n) n``.
+* Position: the point closest to the mirror rays of >= 2 cameras; where the rays are too
+  close to parallel to fix the range, the single ray is cut by the sphere of the median
+  triangulated light distance (a near-field stage has its lights on a near-sphere).
+* Intensity: on the diffuse ball, radiance ``L(x) = rho/pi * E * |p|^2 (n.(p-x))+ / |p-x|^3``
+  with E the irradiance the light delivers at the rig centre facing it (the calibration
+  file's light ``rgb``, the twin's ``colour * intensity / |p|^2``); E per channel is the least
+  squares solution over the lit, well-inside pixels of every camera that sees them.
+
+References
+----------
+Debevec, P. (1998). Rendering synthetic objects into real scenes. SIGGRAPH. (Mirror balls.)
+Weber, M., Cipolla, R. (2001). A practical method for estimation of point light-sources. BMVC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightstage.camera import undistort_normalised
+
+__all__ = [
+    "LightError",
+    "CameraModel",
+    "pixel_ray",
+    "silhouette_edges",
+    "fit_sphere",
+    "find_highlight",
+    "mirror_ray",
+    "triangulate_lines",
+    "light_positions",
+    "diffuse_irradiance",
+]
+
+
+class LightError(RuntimeError):
+    pass
+
+
+@dataclass
+class CameraModel:
+    """What the light fits need of a calibrated camera."""
+
+    K: np.ndarray
+    dist: np.ndarray
+    cam2world: np.ndarray
+
+
+def pixel_ray(cam: CameraModel, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World origin (3,) and unit directions (N, 3) through pixels uv (N, 2)."""
+    uv = np.atleast_2d(np.asarray(uv, np.float64))
+    K = cam.K
+    y = (uv[:, 1] - K[1, 2]) / K[1, 1]
+    x = (uv[:, 0] - K[0, 2] - K[0, 1] * y) / K[0, 0]
+    xy = undistort_normalised(np.stack([x, y], 1), cam.dist)
+    d = np.c_[xy, np.ones(len(xy))] @ cam.cam2world[:3, :3].T
+    return cam.cam2world[:3, 3].copy(), d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def silhouette_edges(lum: np.ndarray, min_area: int = 200) -> np.ndarray:
+    """(N, 2) sub-pixel silhouette points of the largest bright blob: along the radial line
+    from the blob centre, where the intensity crosses half the blob's inside level."""
+    import cv2
+
+    lum = np.asarray(lum, np.float32)
+    inside = float(np.percentile(lum, 99.5))
+    if not inside > 0:
+        raise LightError("image is dark: no sphere silhouette")
+    mask = (lum > 0.5 * inside).astype(np.uint8)
+    n, lab, stats, cents = cv2.connectedComponentsWithStats(mask)
+    if n < 2:
+        raise LightError("no bright blob")
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    if stats[k, cv2.CC_STAT_AREA] < min_area:
+        raise LightError(f"sphere blob too small ({stats[k, cv2.CC_STAT_AREA]} px)")
+    blob = (lab == k).astype(np.uint8)
+    level = 0.5 * float(np.median(lum[cv2.erode(blob, np.ones((5, 5), np.uint8)) > 0]))
+    contours, _ = cv2.findContours(blob, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    pts = max(contours, key=len).reshape(-1, 2).astype(np.float64)
+    c = cents[k]
+    radial = pts - c
+    radial /= np.linalg.norm(radial, axis=1, keepdims=True)
+    steps = np.linspace(-3, 3, 49)
+    samp = pts[:, None, :] + steps[None, :, None] * radial[:, None, :]
+    prof = cv2.remap(lum, samp[..., 0].astype(np.float32), samp[..., 1].astype(np.float32),
+                     cv2.INTER_LINEAR)
+    out = []
+    for p, r, pr in zip(pts, radial, prof):
+        # last crossing from inside (>= level) to outside (< level) along the outward line
+        above = pr >= level
+        idx = np.nonzero(above[:-1] & ~above[1:])[0]
+        if len(idx) != 1:
+            continue
+        i = idx[0]
+        t = steps[i] + (pr[i] - level) / (pr[i] - pr[i + 1]) * (steps[1] - steps[0])
+        out.append(p + t * r)
+    if len(out) < 20:
+        raise LightError("too few sub-pixel silhouette points")
+    return np.asarray(out)
+
+
+def fit_sphere(edges: dict[str, np.ndarray], cams: dict[str, CameraModel], radius: float,
+               init: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Centre (3,) of a sphere of known ``radius`` from silhouette points seen by one or more
+    cameras; returns the centre and the RMS of (ray distance - radius) in metres."""
+    from scipy.optimize import least_squares
+
+    O, D = [], []
+    for name, uv in edges.items():
+        o, d = pixel_ray(cams[name], uv)
+        O.append(np.broadcast_to(o, d.shape))
+        D.append(d)
+    O, D = np.concatenate(O), np.concatenate(D)
+    if init is None:
+        # start on the first camera's mean ray at the distance where the cone fits
+        name = next(iter(edges))
+        o, d = pixel_ray(cams[name], edges[name])
+        axis = d.mean(0)
+        axis /= np.linalg.norm(axis)
+        half = np.mean(np.arccos(np.clip(d @ axis, -1, 1)))
+        init = o + axis * radius / np.sin(max(half, 1e-6))
+
+    def res(c):
+        return np.linalg.norm(np.cross(c - O, D), axis=1) - radius
+
+    r = least_squares(res, np.asarray(init, np.float64), method="lm")
+    return r.x, float(np.sqrt(np.mean(r.fun ** 2)))
+
+
+def find_highlight(lum: np.ndarray, region: np.ndarray | None = None,
+                   rel_threshold: float = 0.25) -> tuple[np.ndarray, float] | None:
+    """Intensity-weighted centroid (u, v) of the brightest compact blob (inside ``region`` if
+    given) and its peak, or None. The background (the ball's dim reflection of the stage) is
+    the median and is subtracted."""
+    import cv2
+
+    lum = np.asarray(lum, np.float32)
+    sel = lum if region is None else np.where(region, lum, 0)
+    peak = float(sel.max())
+    bg = float(np.median(lum[region])) if region is not None and region.any() else 0.0
+    if not peak > max(bg, 0) * 4 or peak <= 0:
+        return None
+    thr = bg + rel_threshold * (peak - bg)
+    mask = (sel > thr).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask)
+    v, u = np.unravel_index(int(np.argmax(sel)), sel.shape)
+    k = lab[v, u]
+    y0, x0 = stats[k, cv2.CC_STAT_TOP], stats[k, cv2.CC_STAT_LEFT]
+    h, w = stats[k, cv2.CC_STAT_HEIGHT], stats[k, cv2.CC_STAT_WIDTH]
+    # a window around the blob: partial-coverage pixels at its rim carry the sub-pixel
+    # position, so they are weighted by their excess over the background, not thresholded
+    y0, x0 = max(y0 - 2, 0), max(x0 - 2, 0)
+    y1, x1 = min(y0 + h + 4, lum.shape[0]), min(x0 + w + 4, lum.shape[1])
+    win = np.clip(lum[y0:y1, x0:x1] - bg, 0, None)
+    win = np.where(win > 0.02 * (peak - bg), win, 0)
+    ys, xs = np.mgrid[y0:y1, x0:x1]
+    s = win.sum()
+    return np.array([(win * xs).sum() / s, (win * ys).sum() / s]), peak
+
+
+def mirror_ray(cam: CameraModel, uv, centre, radius) -> tuple[np.ndarray, np.ndarray] | None:
+    """The mirror ray (origin on the ball, unit direction) of a highlight at pixel uv."""
+    o, d = pixel_ray(cam, uv)
+    d = d[0]
+    oc = o - centre
+    b = d @ oc
+    disc = b * b - (oc @ oc - radius * radius)
+    if disc < 0:
+        return None
+    x = o + (-b - np.sqrt(disc)) * d
+    n = (x - centre) / radius
+    r = d - 2 * (d @ n) * n
+    return x, r
+
+
+def triangulate_lines(origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, float]:
+    """Point closest to lines (least squares) and the conditioning (smallest / largest
+    eigenvalue of sum(I - r r^T): near 0 when the lines are near parallel)."""
+    A = np.zeros((3, 3))
+    b = np.zeros(3)
+    for o, r in zip(origins, dirs):
+        P = np.eye(3) - np.outer(r, r)
+        A += P
+        b += P @ o
+    w = np.linalg.eigvalsh(A)
+    return np.linalg.solve(A, b), float(w[0] / w[-1])
+
+
+def light_positions(rays: dict[int, list[tuple[np.ndarray, np.ndarray]]],
+                    min_conditioning: float = 5e-4, default_distance: float | None = None
+                    ) -> dict[int, tuple[np.ndarray, str]]:
+    """Light positions from mirror rays ``{light: [(x, r), ...]}``.
+
+    Lights with >= 2 rays that cross well enough are triangulated; the others are put where
+    their (mean) ray meets the sphere, about the rig centre, of the median triangulated
+    distance (or ``default_distance``). Returns ``{light: (position, how)}``."""
+    out: dict[int, tuple[np.ndarray, str]] = {}
+    rest = []
+    for i, rl in rays.items():
+        if len(rl) >= 2:
+            p, cond = triangulate_lines(np.array([x for x, _ in rl]), np.array([r for _, r in rl]))
+            # the point must be in front of every ray
+            if cond >= min_conditioning and all((p - x) @ r > 0 for x, r in rl):
+                out[i] = (p, f"triangulated from {len(rl)} views")
+                continue
+        if rl:
+            rest.append(i)
+    dists = [np.linalg.norm(p) for p, _ in out.values()]
+    R = float(np.median(dists)) if dists else default_distance
+    if rest and R is None:
+        raise LightError(f"lights {rest}: no triangulated light to take the distance from; "
+                         "give more chrome-ball views")
+    for i in rest:
+        xs = np.array([x for x, _ in rays[i]])
+        rs = np.array([r for _, r in rays[i]])
+        x, r = xs.mean(0), rs.mean(0)
+        r /= np.linalg.norm(r)
+        # |x + s r| = R, s > 0
+        b = x @ r
+        s = -b + np.sqrt(max(b * b - (x @ x - R * R), 0.0))
+        out[i] = (x + s * r, f"one view, on the {R:.3f} m light sphere")
+    return out
+
+
+def diffuse_irradiance(rgb: np.ndarray, cam: CameraModel, centre: np.ndarray, radius: float,
+                       albedo: float, light_pos: np.ndarray, saturated: np.ndarray | None = None,
+                       min_shading: float = 0.2, erode_px: int = 3) -> tuple[np.ndarray, int]:
+    """Irradiance at the rig centre (3,) of one light from a colour-corrected radiance image
+    (H, W, 3) of the white ball, and the number of pixels used (0: none usable)."""
+    import cv2
+
+    H, W = rgb.shape[:2]
+    v, u = np.mgrid[0:H, 0:W]
+    # restrict to the ball's bounding box for speed
+    o, _ = pixel_ray(cam, np.zeros((1, 2)))
+    uvc = (cam.K @ (np.linalg.inv(cam.cam2world) @ np.append(centre, 1))[:3])
+    uc, vc = uvc[:2] / uvc[2]
+    rpx = cam.K[0, 0] * radius / np.linalg.norm(centre - o) * 1.3 + 5
+    y0, y1 = int(max(vc - rpx, 0)), int(min(vc + rpx + 1, H))
+    x0, x1 = int(max(uc - rpx, 0)), int(min(uc + rpx + 1, W))
+    if y1 <= y0 or x1 <= x0:
+        return np.zeros(3), 0
+    uv = np.stack([u[y0:y1, x0:x1].ravel(), v[y0:y1, x0:x1].ravel()], 1).astype(np.float64)
+    o, d = pixel_ray(cam, uv)
+    oc = o - centre
+    b = d @ oc
+    disc = b * b - (oc @ oc - radius * radius)
+    hit = disc > 0
+    s = -b - np.sqrt(np.clip(disc, 0, None))
+    x = o + s[:, None] * d
+    n = (x - centre) / radius
+    mask = hit.reshape(y1 - y0, x1 - x0).astype(np.uint8)
+    mask = cv2.erode(mask, np.ones((2 * erode_px + 1, 2 * erode_px + 1), np.uint8)).ravel() > 0
+    pv = light_pos - x
+    dist = np.linalg.norm(pv, axis=1)
+    cos = np.einsum("ij,ij->i", n, pv) / dist
+    p2 = float(light_pos @ light_pos)
+    g = p2 * np.clip(cos, 0, None) / dist ** 2
+    # stay clear of the terminator, where the pixel footprint straddles the kink of max(0, .)
+    use = mask & (cos > min_shading)
+    if saturated is not None:
+        use &= ~saturated[y0:y1, x0:x1].ravel()
+    L = rgb[y0:y1, x0:x1].reshape(-1, 3).astype(np.float64)
+    use &= np.isfinite(L).all(1)
+    if use.sum() < 20:
+        return np.zeros(3), 0
+    gg = g[use]
+    a = (L[use] * gg[:, None]).sum(0) / (gg @ gg)
+    return a * np.pi / albedo, int(use.sum())
