@@ -331,7 +331,11 @@ def invert(encoder: PortraitEncoder | None, G, image: torch.Tensor, c: torch.Ten
     G : the prior (:class:`model.prior.TriPlaneGenerator`), eval mode.
     image : [B, 3, R, R] generator-domain input (see :func:`to_generator_domain`).
     c : [B, 25] EG3D camera labels of the inputs (e.g. from :func:`model.face.prepare_portrait`).
-    refine_steps : test-time latent optimisation steps after the encoder (0 = feed-forward).
+    refine_steps : test-time latent optimisation steps after the encoder (0 = feed-forward):
+        :func:`model.fitting.fit_latent` started from the encoder's W+ (or
+        :func:`refine_latent` when a triplane residual or a mask is involved).
+    refine_lr : its Adam learning rate.
+    mask : optional [B, 1, R, R] region for the PSNR (and the refinement loss).
 
     Returns
     -------
@@ -353,7 +357,19 @@ def invert(encoder: PortraitEncoder | None, G, image: torch.Tensor, c: torch.Ten
             ws, resid = out["ws"], out["planes_residual"]
     hist = []
     if refine_steps > 0:
-        ws, hist = refine_latent(G, ws, image, c, refine_steps, refine_lr, resid, mask)
+        if resid is None and mask is None:
+            # The prior's own fitting code (model.fitting: L1 + raw-image + w-regularised W+
+            # optimisation), one image at a time, started from the encoder's latent.
+            from model.fitting import FitConfig, fit_latent
+
+            fits = [fit_latent(G, image[b : b + 1], c[b : b + 1],
+                               FitConfig(steps=int(refine_steps), lr=refine_lr), init_ws=ws[b : b + 1])
+                    for b in range(image.shape[0])]
+            ws = torch.cat([f.ws for f in fits])
+            hist = [float(np.mean(v)) for v in zip(*[f.losses for f in fits])]
+        else:
+            # A fixed encoder triplane residual or a loss mask: model.fitting has neither.
+            ws, hist = refine_latent(G, ws, image, c, refine_steps, refine_lr, resid, mask)
     with torch.no_grad():
         planes = G.planes(ws, noise_mode="const")
         if resid is not None:

@@ -135,6 +135,12 @@ def test_refinement_improves_on_its_start(G):
     opt = invert(None, G, img, c, refine_steps=12, refine_lr=0.05)  # optimisation-only inversion
     assert len(opt.history) == 12 and opt.history[-1] < opt.history[0]
     assert float(opt.psnr.mean()) > float(start.psnr.mean()) + 0.5
+    # the masked variant (our own loop; model.fitting has no mask) improves inside the mask
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    w, hist = refine_latent(G, start.ws, img, c, steps=6, lr=0.05, mask=mask)
+    assert hist[-1] < hist[0]
+    assert all(p.requires_grad == q for p, q in zip(G.parameters(), [p.requires_grad for p in G.parameters()]))
 
 
 def test_trained_encoder_beats_mean_latent_on_held_out_prior_samples(G):
@@ -198,3 +204,45 @@ def test_real_training_run_beats_mean_latent_on_held_out_twin_subjects(tmp_path)
     print(f"held-out twin subjects: encoder {res['psnr_encoder']:.2f} dB, "
           f"mean latent {res['psnr_mean_latent']:.2f} dB")
     assert res["psnr_encoder"] > res["psnr_mean_latent"]
+
+
+def test_plane_residual_is_trained_through_the_image_loss(G):
+    cfg = EncoderTrainConfig(steps=2, batch=1, lr=1e-2, pool_size=2, refresh=0, image_every=1, seed=1)
+    enc, hist = train_encoder(G, cfg, small_encoder(G, plane_residual=True))
+    assert all("image_mse" in h for h in hist)
+    assert float(enc.plane_gain.detach().abs()) > 0  # left zero if no gradient reached it
+
+
+def test_twin_views_are_rendered_from_the_labelled_camera():
+    from model.train_encoder import render_twin_views
+
+    lab = look_at_labels(np.array([0.0, 0.4]), np.array([0.0, 0.0]))
+    imgs, masks = render_twin_views([7, 7], lab, 32, cube_n=64)
+    assert imgs.shape == (2, 3, 32, 32) and masks.shape == (2, 1, 32, 32)
+    assert imgs.min() >= -1 and imgs.max() <= 1
+    xs = torch.arange(32, dtype=torch.float32)
+    for m, yaw in zip(masks[:, 0], (0.0, 0.4)):
+        cover = float(m.mean())
+        assert 0.3 < cover < 0.95  # a head filling most of an EG3D-framed view
+        cx = float((m.sum(0) * xs).sum() / m.sum())
+        if yaw == 0.0:
+            assert abs(cx - 15.5) < 1.5  # frontal: the head is centred left-right
+    # background (outside the head) is black radiance -> -1 in the generator domain
+    bg = masks[0, 0] == 0
+    assert torch.all(imgs[0][:, bg] <= -0.99)
+
+
+@pytest.mark.real
+def test_encode_portrait_on_a_real_photo(G, real_data):
+    from model.encoder import encode_portrait
+    from model.face import detector_available, prepare_portrait
+
+    if not detector_available():
+        pytest.skip("facenet-pytorch (MTCNN weights) not installed")
+    p = real_data / "portraits" / "astronaut_eileen_collins.png"
+    pp = prepare_portrait(p, size=G.cfg.img_resolution)
+    enc = PortraitEncoder(small_encoder(G)).eval()
+    enc.set_w_stats(*w_statistics(G, n=32))
+    res = encode_portrait(pp, G, enc, refine_steps=2, refine_lr=0.05)
+    assert res.image.shape == (1, 3, 32, 32) and torch.isfinite(res.psnr).all()
+    assert len(res.history) == 2
