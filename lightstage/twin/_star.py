@@ -165,6 +165,7 @@ class StarSurface:
         t_prev = t.copy()
         f_prev = np.zeros(act.size)  # f at the last accepted point (0: none yet)
         near = _NEAR if near is None else near
+        creep = relax == 1.0 and near < _NEAR
         relax = np.full(act.size, _RELAX if relax is None else relax)
         inv_l = 1.0 / self.lipschitz
         cap = _STEP_ANGLE / (1 + _STEP_ANGLE)
@@ -182,6 +183,11 @@ class StarSurface:
             # relaxed step too long: unbounding spheres do not overlap -> redo it safely
             bad = (relax > 1) & ((np.abs(f) + f_prev) / bound_l < t - t_prev)
             hit = ~bad & (f < near)
+            if creep:
+                # a grazing ray that moves away from the surface again has passed it
+                gone = ~hit & (f > f_prev) & (f_prev > 0)
+            else:
+                gone = None
             if hit.any():
                 found_i.append(act[hit])
                 found_t.append(t[hit])
@@ -197,6 +203,8 @@ class StarSurface:
             t_prev = np.where(bad, t_prev, t)
             f_prev = np.where(bad, f_prev, f)
             keep = ~hit & (t_new < t1[act])
+            if gone is not None:
+                keep &= ~gone
             act, t, t_prev, f_prev, relax = act[keep], t_new[keep], t_prev[keep], f_prev[keep], relax[keep]
         if not found_i:
             return out

@@ -71,6 +71,8 @@ __all__ = [
 #: material texture channels (per texel, float32)
 MAT_CHANNELS = ("albedo_r", "albedo_g", "albedo_b", "alpha", "f0", "ks", "wrap_r", "wrap_g", "wrap_b")
 VIS_QUANTUM = 0.005  # m; light positions in subject space are rounded to this for shadow tables
+SMALL_MOTION_DEG = 1.0  # poses within this rotation ...
+SMALL_MOTION_M = 0.01  # ... and translation share the rest pose's shadow tables
 DIR_QUANTUM = 1e-3  # distant-light directions are rounded to this for shadow tables
 SHADOW_OFFSET = 0.002  # m; shadow receivers are pushed this far off the surface (normal offset)
 SHADOW_BIAS = 0.001  # m; constant depth bias of the shadow-map test (plus a slope term)
@@ -185,7 +187,14 @@ class StarScene:
             lp = pos @ Ti[:3, :3].T
         else:
             lp = pos @ Ti[:3, :3].T + Ti[:3, 3]
-        vis = self._visibility(lp, distant)
+        # cast shadows: for small motions the lights' rest positions relative to the subject
+        # (the world positions) are used, so every frame of a take shares one shadow table
+        # per light; larger motions use the true relative positions
+        small = T is None or (
+            np.degrees(np.arccos(np.clip((np.trace(T[:3, :3]) - 1) / 2, -1, 1))) <= SMALL_MOTION_DEG
+            and np.linalg.norm(T[:3, 3]) <= SMALL_MOTION_M
+        )
+        vis = self._visibility(pos if small else lp, distant)
         H, W = camera.resolution
         out = np.zeros((H * W, 3), dtype=np.float32)
         for gb in self._gbuffers(camera, T):
@@ -346,6 +355,7 @@ class StarScene:
             best = np.full(nb, np.inf)
             np.minimum.at(best, (iv - r0) * W + iu, keyz)
             best = best.reshape(r1 - r0, W)
+            own = np.isfinite(best).ravel()
             filled = minimum_filter(best, size=3, mode="constant", cval=np.inf)
             best = np.where(np.isfinite(best), best, filled).ravel()
             pix = np.flatnonzero(np.isfinite(best))
@@ -359,7 +369,9 @@ class StarScene:
             ok = (err < 2e-6) & (np.abs(tn - guess) < 0.01)
             t_blk = np.full(nb, np.inf)
             t_blk[pix[ok]] = tn[ok]
-            bad = pix[~ok]
+            # a pinhole pixel (no moved point of its own) where Newton finds no surface is
+            # beside the silhouette: background. Only pixels with their own point are marched.
+            bad = pix[~ok & own[pix]]
             if bad.size:
                 gimg = np.full(nb, np.inf)
                 gimg[pix] = guess
@@ -587,70 +599,108 @@ def _edge_band(t: np.ndarray) -> np.ndarray:
     return band
 
 
-_LIGHT_CHUNK_ELEMS = 1 << 20  # lights x pixels per shading chunk (bounds temporaries)
+_PIX_BLOCK = 8192  # pixels per shading block (keeps the temporaries in cache)
+_LIGHT_CHUNK = 16  # lights per shading chunk
 
 
 def _shade(gb: _GBuffer, lp: np.ndarray, rgb: np.ndarray, vis: np.ndarray | None,
            distant: bool) -> np.ndarray:
     """Radiance (M, 3) float64 of the G-buffer's pixels summed over lights.
 
-    Each light's contribution is computed by the same elementwise code whatever the chunking,
-    so superposition holds to float32 rounding of the per-light terms, summed in float64.
+    Per light and pixel (float32, component planes, all (C, m) arrays for C lights x m pixels):
+    T_c = E V [albedo_c / pi * wrap_c(n.l) + ks D G F / (4 n.v)], then the lights are summed
+    by a (C,) x (C, m) product per channel. A light's T is computed by the same elementwise
+    code whichever chunk it falls in, so superposition is exact to float32 rounding.
     """
     M = gb.pix.size
     acc = np.zeros((M, 3), np.float64)
-    n, v, x, ndv = gb.n, gb.v, gb.x, gb.ndv
-    alb = gb.mat[:, 0:3] * np.float32(1 / np.pi)
-    alpha = gb.mat[:, 3]
-    a2 = alpha * alpha
-    f0 = gb.mat[:, 4]
-    ks = gb.mat[:, 5]
-    wrap = gb.mat[:, 6:9]
-    inv_wrap = 1.0 / (1.0 + wrap)
-    ndv_c = np.maximum(ndv, np.float32(1e-4))
-    # view-only part of Smith G and the 1/(4 n.v) factor
-    g1v = 2 * ndv_c / (ndv_c + np.sqrt(a2 + (1 - a2) * ndv_c * ndv_c))
-    spec_pre = ks * g1v / (4 * ndv_c) * np.float32(1 / np.pi) * a2
-    front = ndv > 0
-    chunk = max(1, _LIGHT_CHUNK_ELEMS // max(M, 1))
-    x32 = x.astype(np.float32) if not distant else None
-    for c0 in range(0, lp.shape[0], chunk):
-        P = lp[c0 : c0 + chunk].astype(np.float32)
-        C = P.shape[0]
-        if distant:
-            l = np.broadcast_to(P[:, None, :], (C, M, 3))
-            E = np.ones((C, M), np.float32)
-        else:
-            L = P[:, None, :] - x32[None]
-            d2 = np.einsum("cmk,cmk->cm", L, L)
-            inv_d = 1 / np.sqrt(d2)
-            l = L * inv_d[..., None]
-            E = inv_d * inv_d
-        ndl = np.einsum("mk,cmk->cm", n, l)
+    f32 = np.float32
+    rgb32 = rgb.astype(f32)
+    lp32 = lp.astype(f32)
+    for m0 in range(0, M, _PIX_BLOCK):
+        sl = slice(m0, min(M, m0 + _PIX_BLOCK))
+        nx, ny, nz = (np.ascontiguousarray(gb.n[sl, k]) for k in range(3))
+        vx, vy, vz = (np.ascontiguousarray(gb.v[sl, k]) for k in range(3))
+        if not distant:
+            xx, xy, xz = (np.ascontiguousarray(gb.x[sl, k], dtype=f32) for k in range(3))
+        mat = gb.mat[sl]
+        alb = [np.ascontiguousarray(mat[:, c]) * f32(1 / np.pi) for c in range(3)]
+        a2 = mat[:, 3] * mat[:, 3]
+        a2m1 = a2 - 1
+        one_m_a2 = 1 - a2
+        f0 = np.ascontiguousarray(mat[:, 4])
+        one_m_f0 = 1 - f0
+        wrap = [np.ascontiguousarray(mat[:, 6 + c]) for c in range(3)]
+        alb_w = [alb[c] / (1 + wrap[c]) for c in range(3)]
+        ndv = gb.ndv[sl]
+        ndv_c = np.maximum(ndv, f32(1e-4))
+        g1v = 2 * ndv_c / (ndv_c + np.sqrt(a2 + one_m_a2 * ndv_c * ndv_c))
+        # everything of the specular term that does not depend on the light
+        spec_pre = np.where(ndv > 0, mat[:, 5] * g1v / (4 * ndv_c) * f32(1 / np.pi) * a2, f32(0))
         if vis is not None:
-            tab = vis[c0 : c0 + C]
-            V = tab[:, gb.vis.idx[0]] * gb.vis.w[0]
-            for k in range(1, 4):
-                V += tab[:, gb.vis.idx[k]] * gb.vis.w[k]
-            E = E * (V * np.float32(1 / 255))
-        # GGX specular (only where both the light and the camera see the surface)
-        h = l + v[None]
-        h_len2 = np.einsum("cmk,cmk->cm", h, h)
-        ndh = np.einsum("mk,cmk->cm", n, h)
-        vdh = np.einsum("mk,cmk->cm", v, h)
-        ndh2 = ndh * ndh / h_len2
-        vdh = np.clip(vdh / np.sqrt(h_len2), 0, 1)
-        den = ndh2 * (a2 - 1) + 1
-        ndl_c = np.maximum(ndl, 0)
-        g1l = 2 * ndl_c / (ndl_c + np.sqrt(a2 + (1 - a2) * ndl_c * ndl_c) + np.float32(1e-12))
-        m5 = 1 - vdh
-        m5 = m5 * m5 * m5 * m5 * m5
-        F = f0 + (1 - f0) * m5
-        spec = spec_pre * g1l * F / (den * den)
-        spec = np.where((ndl > 0) & front, spec, 0)
-        diff = np.maximum(ndl[..., None] + wrap, 0) * inv_wrap * alb  # (C, M, 3)
-        contrib = (diff + spec[..., None]) * E[..., None]  # (C, M, 1 or 3) per light
-        acc += (contrib * rgb[c0 : c0 + C, None, :].astype(np.float32)).sum(0, dtype=np.float64)
+            vidx = [gb.vis.idx[k][sl] for k in range(4)]
+            vw = [gb.vis.w[k][sl] * f32(1 / 255) for k in range(4)]
+        for c0 in range(0, lp.shape[0], _LIGHT_CHUNK):
+            P = lp32[c0 : c0 + _LIGHT_CHUNK]
+            px, py, pz = P[:, 0:1], P[:, 1:2], P[:, 2:3]
+            if distant:
+                lx, ly, lz = (np.broadcast_to(q, (q.shape[0], nx.size)) for q in (px, py, pz))
+                E = None
+            else:
+                lx, ly, lz = px - xx, py - xy, pz - xz
+                d2 = lx * lx
+                d2 += ly * ly
+                d2 += lz * lz
+                inv = 1 / np.sqrt(d2)
+                lx *= inv
+                ly *= inv
+                lz *= inv
+                E = inv
+                E *= inv  # 1 / d^2
+            ndl = nx * lx
+            ndl += ny * ly
+            ndl += nz * lz
+            if vis is not None:
+                tab = vis[c0 : c0 + _LIGHT_CHUNK]
+                V = np.take(tab, vidx[0], axis=1) * vw[0]
+                for k in range(1, 4):
+                    V += np.take(tab, vidx[k], axis=1) * vw[k]
+                E = V if E is None else E * V
+            # GGX with separable Smith G and Schlick F
+            hx, hy, hz = lx + vx, ly + vy, lz + vz
+            h2 = hx * hx
+            h2 += hy * hy
+            h2 += hz * hz
+            ndh = nx * hx
+            ndh += ny * hy
+            ndh += nz * hz
+            vdh = vx * hx
+            vdh += vy * hy
+            vdh += vz * hz
+            ndh *= ndh
+            ndh /= h2  # (n.h)^2 with h normalised
+            den = ndh * a2m1
+            den += 1
+            den *= den
+            vdh /= np.sqrt(h2)
+            m5 = 1 - np.clip(vdh, 0, 1)
+            m2 = m5 * m5
+            m5 *= m2 * m2
+            F = one_m_f0 * m5
+            F += f0
+            ndl_c = np.maximum(ndl, f32(0))
+            g1l = 2 * ndl_c / (ndl_c + np.sqrt(a2 + one_m_a2 * ndl_c * ndl_c) + f32(1e-12))
+            spec = spec_pre * g1l
+            spec *= F
+            spec /= den
+            for c in range(3):
+                t = ndl + wrap[c]
+                np.maximum(t, 0, out=t)
+                t *= alb_w[c]
+                t += spec
+                if E is not None:
+                    t *= E
+                acc[sl, c] += rgb32[c0 : c0 + _LIGHT_CHUNK, c] @ t
     return acc
 
 
