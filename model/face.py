@@ -778,6 +778,13 @@ def estimate_pose(landmarks_crop: np.ndarray, size: int, radius: float = EG3D_RA
     then the camera centre is moved along its line to the origin onto the radius-2.7 sphere,
     keeping the rotation (EG3D's ``fix_pose_orig``). Five landmarks cannot pin the distance
     well; the sphere constraint removes that freedom.
+
+    Accuracy: exact for landmarks that follow the template (tests). On digital-twin renders with
+    known cameras (MTCNN landmarks) we measured 6 deg (yaw 20 deg) and 14 deg (frontal) of
+    error, mostly as a too-high camera: MTCNN's nose point sits lower between eyes and mouth
+    than the BFM template's nose tip, which PnP reads as pitch. EG3D itself takes the pose from
+    a full 3DMM fit (Deep3DFaceRecon), which is not available offline here; pass ``cam2world``
+    to :func:`prepare_portrait` when a better pose is known.
     """
     import cv2
 
