@@ -93,6 +93,9 @@ def write_exr(path: str | Path, rgb: np.ndarray, *, half: bool = False,
         raise ImageIOError(f"{path}: EXR writer needs (H, W, 3) RGB, got shape {rgb.shape}")
     if not np.all(np.isfinite(rgb)):
         raise ImageIOError(f"{path}: refusing to write non-finite values (NaN/inf) to EXR")
+    if half and np.abs(rgb).max(initial=0) > 65504:
+        raise ImageIOError(f"{path}: values up to {float(np.abs(rgb).max()):.4g} exceed float16's "
+                           "range (65504); write float32 or scale the radiance first")
     comp = {"zip": OpenEXR.ZIP_COMPRESSION, "piz": OpenEXR.PIZ_COMPRESSION,
             "none": OpenEXR.NO_COMPRESSION}[compression]
     data = np.ascontiguousarray(rgb, dtype=np.float16 if half else np.float32)

@@ -89,9 +89,12 @@ def test_exr_round_trip_and_noncontiguous_views(tmp_path, half):
     np.testing.assert_allclose(back, view, rtol=1e-3 if half else 0)
 
 
-def test_exr_refuses_nonfinite(tmp_path):
+def test_exr_refuses_nonfinite_and_half_overflow(tmp_path):
     with pytest.raises(ImageIOError, match="non-finite"):
         write_exr(tmp_path / "x.exr", np.full((2, 4, 3), np.nan, np.float32))
+    with pytest.raises(ImageIOError, match="float16"):
+        write_exr(tmp_path / "y.exr", np.full((2, 4, 3), 1e5, np.float32), half=True)
+    assert not (tmp_path / "y.exr").exists()
 
 
 def test_hdr_reader_is_rgb_and_linear(tmp_path):
