@@ -317,19 +317,21 @@ def test_capture_truth_store_and_motion(tiny_capture):
     assert np.array_equal(take.mask(ci), np.asarray(tr["mask"]).astype(bool))
     npz = np.load(out / "s000/t0/truth/cameras" / f"{cam.name}.npz")
     np.testing.assert_array_equal(npz["depth"], tr["depth"])
-    # motion: identity at the first tracking frame, small and smooth elsewhere
+    # motion: identity at the central tracking frame (ingest's reference), small elsewhere
     m = json.loads((out / "s000/t0/truth/motion.json").read_text())
     P = np.asarray([f["pose"] for f in m["frames"]])
     assert len(P) == len(rig.sequence)
     np.testing.assert_allclose(P[m["rest_frame"]], np.eye(4), atol=1e-12)
-    assert rig.sequence[m["rest_frame"]].kind == "tracking"
+    tracking = [f.index for f in rig.sequence if f.kind == "tracking"]
+    assert m["rest_frame"] == tracking[(len(tracking) - 1) // 2]
     ang = np.degrees(np.arccos(np.clip((np.trace(P[:, :3, :3], axis1=1, axis2=2) - 1) / 2, -1, 1)))
     assert ang.max() < 0.5 and ang.max() > 0.01
     # head centre displacement: sub-mm to a few mm
     c = np.array([0.0, 0.03, 0.0, 1.0])
     disp = np.linalg.norm((P @ c)[:, :3] - c[:3], axis=1)
     assert 1e-4 < disp.max() < 5e-3
-    assert np.abs(np.diff(disp)).max() < 0.2 * disp.max()  # smooth: no jumps frame to frame
+    # smooth (<= 3 cycles over the sequence): random independent poses would jump ~disp.max()
+    assert np.abs(np.diff(disp)).max() < 0.5 * disp.max()
     subj = json.loads((out / "s000/t0/truth/subject.json").read_text())
     assert subj["seed"] == subject_seed(5, 0)
 

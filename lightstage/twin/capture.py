@@ -20,8 +20,8 @@ Output folder (the layout of :mod:`lightstage.manifest`)::
 
 Frames: ``olat`` has its light on, ``tracking`` all lights, ``dark`` none. Between frames the
 subject moves rigidly along a smooth seeded trajectory (sub-mm to ~2 mm, < 0.4 deg, about a
-neck pivot); the *rest pose* (identity) is the pose of the first tracking frame, and truth is
-rendered there. Per unit light means divided by the light's irradiance at the rig centre
+neck pivot); the *rest pose* (identity) is the pose of the central tracking frame (ingest's
+default motion reference), and truth is rendered there. Per unit light means divided by the light's irradiance at the rig centre
 (``colour * intensity / |p|^2``, the truth calibration's light ``rgb``).
 
 Work is split into one task per (frame, camera) (and per (calibration shot, camera)), run in
@@ -258,9 +258,14 @@ def _scene(subject_index: int):
 
 
 def _vignetting(ci: int) -> np.ndarray:
-    if ci not in _W["vig"]:
-        _W["vig"][ci] = vignetting_gain(_W["rig"].cameras[ci])
-    return _W["vig"][ci]
+    cache = _W["vig"]
+    if ci not in cache:
+        g = vignetting_gain(_W["rig"].cameras[ci])
+        # bounded: 40 lsx-331 cameras would hold 1.4 GB; recomputing costs far less than a render
+        if sum(a.nbytes for a in cache.values()) + g.nbytes > 256 << 20:
+            cache.clear()
+        cache[ci] = g
+    return cache[ci]
 
 
 def _lights_on(rig: Rig, kind: str, light: int | None) -> list[int]:
@@ -499,7 +504,9 @@ def simulate(
 
     olat_frames = [f.index for f in rig.sequence if f.kind == "olat"]
     track_frames = [f.index for f in rig.sequence if f.kind == "tracking"]
-    rest_frame = track_frames[0] if track_frames else 0
+    # rest pose = the central tracking frame: ingest's default motion reference, so its store
+    # and this truth are aligned without any warping
+    rest_frame = track_frames[(len(track_frames) - 1) // 2] if track_frames else 0
     take_info = []
     for si, subject in enumerate(subjects):
         spec = factory(subject_seed(seed, si))
@@ -511,7 +518,7 @@ def simulate(
         poses = motion_trajectory(n_frames, subject_seed(seed, si), rest_frame)
         _write_json(truth / "motion.json", {
             "convention": "per frame the 4x4 rigid subject -> world motion; identity = rest pose "
-                          "(the first tracking frame), at which truth is rendered",
+                          "(the central tracking frame), at which truth is rendered",
             "rest_frame": rest_frame,
             "frames": [{"index": f, "pose": poses[f]} for f in range(n_frames)]})
         _write_json(truth / "subject.json", {"subject": subject, "seed": subject_seed(seed, si),
