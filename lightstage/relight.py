@@ -308,9 +308,9 @@ def weights_for_rotations(env: np.ndarray, light_dirs, angles_deg: Sequence[floa
     """(N, L, 3) weights of ``env`` turned by each angle (``envmap.rotate`` semantics).
 
     About +y the map's columns are shifted (exact for whole pixels, periodic linear
-    interpolation otherwise) and the one cached transfer is reused: a few ms per angle. About
-    any other axis the *lights* are turned by ``R^T`` instead (exact, one fresh assignment per
-    angle).
+    interpolation otherwise) and the one cached transfer is reused (tens of ms per angle at
+    1024 x 512, vs ~0.6 s to build an assignment). About any other axis the *lights* are turned
+    by ``R^T`` instead (exact, one fresh assignment per angle).
     """
     env = _env._check_env(env).astype(np.float32)
     H, W = env.shape[:2]
