@@ -56,10 +56,14 @@ def _progress(console: Console) -> Progress:
 @click.option("--flow-model", type=click.Choice(["dense", "homography"]), default="dense",
               show_default=True, help="dense optical flow, or a per-camera homography (rigid)")
 @click.option("--no-motion", is_flag=True, help="store frames as captured (no motion compensation)")
+@click.option("--faceolat", is_flag=True,
+              help="CAPTURE is a FaceOLAT-style EXR tree (CamXX/<ID>/<ID>.<frame>.exr, lights/)")
+@click.option("--colour-matrix", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="FaceOLAT: 3x4 [black | 3x3] or 3x3 colour matrix file (JSON/NPY/text)")
 @click.option("--verify", "verify", type=click.Path(exists=True), default=None,
               help="check a store's completeness and checksums instead of ingesting")
 def main(capture, calibration, out, workers, scheduler, dtype, scale, skip_bad, overwrite,
-         subjects, reference, flow_model, no_motion, verify):
+         subjects, reference, flow_model, no_motion, faceolat, colour_matrix, verify):
     """Ingest the raw captures under CAPTURE into a calibrated Zarr v3 store."""
     from lightstage.align import FlowConfig
     from lightstage.calibfile import CalibrationError
@@ -86,6 +90,20 @@ def main(capture, calibration, out, workers, scheduler, dtype, scale, skip_bad, 
         return
     if not capture:
         raise click.UsageError("give CAPTURE (or --verify STORE)")
+    if faceolat:
+        from lightstage.importers.faceolat import import_faceolat
+
+        if not out:
+            raise click.UsageError("--out is required")
+        try:
+            grp = import_faceolat(capture, out, colour_matrix=colour_matrix, calibration=calibration,
+                                  dtype=dtype, scale=scale, motion=not no_motion, overwrite=overwrite,
+                                  flow=FlowConfig(model=flow_model))
+        except (IngestError, StoreError, CalibrationError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            sys.exit(2)
+        console.print(f"{out}: imported FaceOLAT take {grp}")
+        return
     if not calibration:
         raise click.UsageError("--calibration is required")
     if not out:

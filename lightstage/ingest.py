@@ -145,7 +145,6 @@ class IngestReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    frames: int = 0
     dashboard: str | None = None
 
     @property
@@ -600,7 +599,9 @@ def _plan(man: CaptureManifest, cal: Calibration, store: str, cfg: IngestConfig,
     for fr in man.frames:
         for c, lst in fr.files.items():
             for rf in lst:
-                inputs[rf.path] = rf.sha256
+                # the manifest's hash (checked when the file is read), else hash it now
+                p = man.path(rf)
+                inputs[rf.path] = rf.sha256 or (sha256_file(p) if p.exists() else None)
     fingerprint = hashlib.sha256(json.dumps(
         {"config": cfg.fingerprint_dict(), "scale": spec.scale, "calibration": cal.to_dict(),
          "manifest": man.to_dict()["frames"]}, sort_keys=True, default=str).encode()).hexdigest()

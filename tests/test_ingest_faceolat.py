@@ -126,3 +126,16 @@ def test_broken_trees_name_file_and_field(tmp_path):
     import_faceolat(tmp_path / "c", tmp_path / "c.zarr", dtype="float32")
     with pytest.raises(Exception, match="overwrite"):
         import_faceolat(tmp_path / "c", tmp_path / "c.zarr")
+
+
+def test_cli_faceolat(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.ingest import main
+
+    write_tree(tmp_path / "tree")
+    r = CliRunner().invoke(main, [str(tmp_path / "tree"), "--faceolat", "--out", str(tmp_path / "s.zarr"),
+                                  "--no-motion"])
+    assert r.exit_code == 0, r.output
+    assert open_take(tmp_path / "s.zarr").attrs["lights"] == [0, 1, 2, 3]
+    assert CliRunner().invoke(main, ["--verify", str(tmp_path / "s.zarr")]).exit_code == 0
