@@ -78,3 +78,20 @@ def test_truncated_raw_names_the_file(real_data, tmp_path):
         read_raw(bad)
     with pytest.raises(RawError, match="no such raw file"):
         read_raw(tmp_path / "missing.dng")
+
+
+def test_non_bayer_fallback_is_linear_libraw_development(real_data, monkeypatch):
+    """Sensors without a 2x2 Bayer CFA (X-Trans ...) go through LibRaw's demosaic with linear
+    settings; forced here on a Bayer DNG, it must agree with our own linear path."""
+    import lightstage.raw as raw
+
+    p = real_data / "raw" / "mini_isp_face_ov5647.dng"
+    bayer = raw.read_raw(p)
+    ours = raw.demosaic_bilinear(bayer.data, bayer.cfa).reshape(3, -1).mean(1)
+    monkeypatch.setattr(raw, "_bayer_string", lambda pattern, desc: None)
+    fb = raw.read_raw(p)
+    assert fb.cfa is None and fb.data.shape == bayer.data.shape + (3,)
+    assert fb.saturated.shape == bayer.data.shape
+    np.testing.assert_allclose(fb.data.reshape(-1, 3).mean(0), ours, rtol=0.02)
+    # linear: no gamma, no auto-brightening (the brightest pixel is not pushed to white)
+    assert fb.data.max() <= 1.0 and np.median(fb.data) < 0.5
