@@ -6,8 +6,8 @@ light weights with and without the cached assignment.
 Rows
 ----
 olat-f32 / olat-f16
-    331 lights x 3 x P pixels combined by ``lightstage.relight.relight`` (torch GEMV, float16
-    converted block by block into a reused buffer). ``ratio`` = bytes of OLAT data read per
+    331 lights x 3 x P pixels combined by ``lightstage.relight.relight`` (torch GEMV; float16
+    converted a few lights at a time into a reused float32 buffer on one thread). ``ratio`` = bytes of OLAT data read per
     second / bytes copied per second by ``np.copyto`` of a buffer as large as the float32 stack,
     measured in the same run. Goal >= 0.7.
 einsum-interleaved
@@ -99,7 +99,7 @@ def main(quick: bool = False) -> list[dict]:
 
     t_np16 = _best(numpy_f16, repeat=1)
     rows.append({"name": "numpy-f16", "ratio": t_np16 / t16,
-                 "goal": "speed-up of the blocked torch float16 path over numpy astype + GEMV",
+                 "goal": "speed-up of the light-chunked torch float16 path over numpy astype + GEMV",
                  "seconds_numpy": t_np16, "seconds_ours": t16})
     del olat16
     gc.collect()
