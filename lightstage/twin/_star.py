@@ -29,7 +29,7 @@ __all__ = ["StarSurface"]
 _NEAR = 2e-4  # m: march stops when f < this; Newton then polishes to ~1e-9 m
 _NEAR_FINE = 1e-7  # m: the same for grazing rays where Newton is ill-conditioned
 _RELAX = 1.6
-_CREEP = 0.01  # m: how far grazing rays creep at full precision before marching on  # over-relaxation of the march steps
+_CREEP = 0.01  # m: how far grazing rays creep at full precision before marching on
 _MIN_STEP = 1.5e-4  # m: no feature of a head is thinner (keeps grazing rays from crawling)
 _STEP_ANGLE = 0.06  # rad: steps using the local slope bound stay within this cone
 
@@ -244,12 +244,12 @@ class StarSurface:
                 if t_end is not None:
                     te = np.minimum(te, np.broadcast_to(t_end, (m,))[j])
                 tc = self.march(o[j], d[j], t_end=te, t_start=tj, polish=False,
-                                near=_NEAR_FINE, relax=1.0)
+                                near=_NEAR_FINE, relax=1.0, max_steps=max_steps)
                 out[j] = tc
                 on = np.isinf(tc)
                 if on.any():
                     k = j[on]
-                    out[k] = self.march(o[k], d[k], t_start=te[on],
+                    out[k] = self.march(o[k], d[k], t_start=te[on], max_steps=max_steps,
                                         t_end=None if t_end is None else np.broadcast_to(t_end, (m,))[k])
             return out
         out[idx] = tt

@@ -79,6 +79,7 @@ SHADOW_BIAS = 0.001  # m; constant depth bias of the shadow-map test (plus a slo
 SHADOW_MAP_SIZE = 384  # px per side of a light's shadow map
 MAX_INCREMENTAL_SHIFT = 12.0  # px; larger motions re-render geometry from scratch
 BLOCK_PIXELS = 1 << 18  # pixels per row block (bounds memory on large sensors)
+_FALLBACK_STEPS = 64  # march steps for the few pixels the posed-geometry Newton cannot place
 _JUMP = 0.003  # m; a depth step larger than this between neighbours is an occlusion edge
 
 
@@ -365,21 +366,24 @@ class StarScene:
             _, d_blk = self._rays(camera, key, r0, r1)
             d_s = d_blk[pix] @ Ti[:3, :3].T
             guess = np.einsum("ij,ij->i", d_s, X[sid] - o_s)
+            t_blk = np.full(nb, np.inf)
+            # Newton from the splatted guess puts each pixel exactly on the surface it sees
             tn, err = S.newton(np.broadcast_to(o_s, (pix.size, 3)), d_s, guess, iterations=3)
             ok = (err < 2e-6) & (np.abs(tn - guess) < 0.01)
-            t_blk = np.full(nb, np.inf)
             t_blk[pix[ok]] = tn[ok]
             # a pinhole pixel (no moved point of its own) where Newton finds no surface is
             # beside the silhouette: background. Only pixels with their own point are marched.
             bad = pix[~ok & own[pix]]
             if bad.size:
-                gimg = np.full(nb, np.inf)
+                gimg = t_blk.copy()
                 gimg[pix] = guess
                 gimg = gimg.reshape(r1 - r0, W)
                 lo = minimum_filter(gimg, size=5, mode="constant", cval=np.inf).ravel()[bad]
                 hi = maximum_filter(np.where(np.isfinite(gimg), gimg, -np.inf), size=5,
                                     mode="constant", cval=-np.inf).ravel()[bad]
-                t_blk[bad] = S.march(o_s, d_blk[bad] @ Ti[:3, :3].T,
+                # a ray still undecided after _FALLBACK_STEPS steps is crawling along a
+                # silhouette it never touches: background
+                t_blk[bad] = S.march(o_s, d_blk[bad] @ Ti[:3, :3].T, max_steps=_FALLBACK_STEPS,
                                      t_start=lo - disp - 0.003, t_end=hi + disp + 0.01)
             t_out[r0:r1] = t_blk.reshape(r1 - r0, W)
         return t_out
