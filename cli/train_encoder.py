@@ -79,11 +79,14 @@ def _Rate():
               help="Display transform of the prior's training images (default: from the prior's "
                    "metadata, else aces).")
 @click.option("--exposure-ev", default=None, type=float, help="Display exposure (default: prior's, else 0).")
+@click.option("--latents", default="auto", show_default=True, type=click.Choice(["auto", "mapping", "codes"]),
+              help="Prior latents to train on: the mapping network (GAN priors), the auto-decoder "
+                   "codes in train_state.safetensors beside the prior (`ls-train prior`), or auto.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing encoder in --out.")
 def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh, twin_subjects,
          twin_views, twin_every, eval_subjects, plane_residual, display_operator, exposure_ev,
-         seed, overwrite):
+         latents, seed, overwrite):
     """Train the portrait encoder for the prior PRIOR on its own samples (and twin renders)."""
     import numpy as np
     import torch
@@ -93,9 +96,9 @@ def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh,
 
     from model.checkpoint import CheckpointError, load_checkpoint, load_generator
     from model.encoder import EncoderConfig, EncoderError, save_encoder
-    from model.train_encoder import (EncoderTrainConfig, config_dict, evaluate_inversion,
-                                     look_at_labels, render_twin_views, sample_prior_batch,
-                                     train_encoder)
+    from model.train_encoder import (EncoderTrainConfig, LatentSampler, config_dict,
+                                     evaluate_inversion, look_at_labels, render_twin_views,
+                                     sample_prior_batch, train_encoder)
 
     console = Console(stderr=True)
     out = Path(out_dir)
@@ -107,6 +110,13 @@ def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh,
         pmeta = load_checkpoint(stem).meta
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
+    try:
+        sampler = LatentSampler.for_prior(stem) if latents != "mapping" else LatentSampler()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if latents == "codes" and sampler.kind != "codes":
+        raise click.ClickException(f"{stem.parent / 'train_state.safetensors'}: no auto-decoder 'codes' "
+                                   "found (needed by --latents codes)")
     disp = pmeta.get("display") if isinstance(pmeta.get("display"), dict) else {}
     operator = display_operator or disp.get("operator", "aces")
     ev = exposure_ev if exposure_ev is not None else float(disp.get("exposure_ev", 0.0))
@@ -120,7 +130,8 @@ def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh,
         raise click.ClickException(str(e)) from None
     R = G.cfg.img_resolution
     console.print(f"prior {stem} ({G.cfg.img_resolution} px, {G.num_ws} x {G.cfg.w_dim} W+); "
-                  f"display transform {operator} @ EV {ev:g}")
+                  f"display transform {operator} @ EV {ev:g}; latents from "
+                  + ("the mapping network" if sampler.kind == "mapping" else f"{len(sampler.codes)} subject codes"))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 7)
 
@@ -146,16 +157,16 @@ def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh,
             info = " ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "seconds")
             progress.update(task, completed=step, info=info)
 
-        encoder, hist = train_encoder(G, cfg, enc_cfg, twin=twin, progress=report)
+        encoder, hist = train_encoder(G, cfg, enc_cfg, twin=twin, progress=report, sampler=sampler)
         # Held-out evaluation: fresh prior samples (different seed) and unseen twin subjects.
         gen = torch.Generator().manual_seed(seed + 1_000_003)
-        img, c, _ = sample_prior_batch(G, 16, gen, np.random.default_rng(seed + 1_000_003), cfg)
+        img, c, _ = sample_prior_batch(G, 16, gen, np.random.default_rng(seed + 1_000_003), cfg, sampler)
         metrics = {"prior_samples": evaluate_inversion(encoder, G, img, c)}
         if eval_subjects:
             ei, el, em = twin_set(90_000, eval_subjects, 2, "twin renders (held out)", progress)
             metrics["twin_heldout"] = evaluate_inversion(encoder, G, ei, el, masks=em)
     seconds = time.perf_counter() - t0
-    meta = {"prior": str(stem), "train": config_dict(cfg), "display": {"operator": operator, "exposure_ev": ev},
+    meta = {"prior": str(stem), "latents": sampler.kind, "train": config_dict(cfg), "display": {"operator": operator, "exposure_ev": ev},
             "metrics": metrics, "seconds": seconds, "final_loss": hist[-1]["loss"] if hist else None}
     try:
         wpath, _ = save_encoder(out, encoder, meta, overwrite=overwrite)

@@ -6,8 +6,10 @@ Each step draws a batch from a pool of rendered training pairs and minimises
       + image_weight  * mean((G(ws_hat, c) - image)^2)            (every ``image_every`` steps)
 
 where ``ws_hat`` is the encoder's W+ for ``image`` seen from camera ``c``. Prior samples are
-random ``z`` -> ``G.mapping(z, c_front)`` -> rendered from a random camera on EG3D's radius-2.7
-sphere looking at the pivot (0, 0, 0.2) (yaw/pitch ranges configurable). Twin renders (procedural
+latents from a :class:`LatentSampler` -- ``G.mapping(z, c_front)`` for a GAN prior (EG3D weights),
+or, for the auto-decoder prior that ``ls-train prior`` trains (whose mapping network is unused),
+random points between two of its learnt subject codes -- rendered from a random camera on EG3D's
+radius-2.7 sphere looking at the pivot (0, 0, 0.2) (yaw/pitch ranges configurable). Twin renders (procedural
 heads from :mod:`lightstage.twin.subject`, lit by a fixed three-light rig, linear radiance encoded
 with :func:`model.encoder.to_generator_domain`) have no W+ ground truth and enter only the image
 loss. The pool is rendered once (no gradients) and refreshed by ``refresh`` fresh prior samples
@@ -32,6 +34,7 @@ from model.encoder import (EncoderConfig, PortraitEncoder, invert, psnr, to_gene
 
 __all__ = [
     "EncoderTrainConfig",
+    "LatentSampler",
     "look_at_labels",
     "front_label",
     "w_statistics",
@@ -127,22 +130,83 @@ def front_label() -> torch.Tensor:
 # ------------------------------------------------------------------ prior samples
 
 
+@dataclass
+class LatentSampler:
+    """Where the prior's latents come from.
+
+    Attributes
+    ----------
+    kind : ``'mapping'`` -- ``G.mapping(z, c_front)`` with z ~ N(0, I) (a GAN prior such as
+        EG3D's), or ``'codes'`` -- an auto-decoder prior's learnt subject codes [N, w_dim]
+        (``ls-train prior``): a sample is ``code_i + a (code_j - code_i)``, a ~ U(0, 1), i != j,
+        broadcast to all style inputs (the auto-decoder uses one w per subject). Interpolating
+        stays among the identities the generator was trained to render, where a Gaussian
+        around the mean would leave that region.
+    codes : [N, w_dim] for ``'codes'``.
+    """
+
+    kind: str = "mapping"
+    codes: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("mapping", "codes"):
+            raise ValueError(f"LatentSampler.kind must be 'mapping' or 'codes', got {self.kind!r}")
+        if self.kind == "codes":
+            if self.codes is None or self.codes.ndim != 2 or self.codes.shape[0] < 2:
+                raise ValueError("LatentSampler('codes') needs codes [N >= 2, w_dim]")
+
+    @classmethod
+    def for_prior(cls, stem) -> "LatentSampler":
+        """``'codes'`` when ``train_state.safetensors`` beside the prior checkpoint holds the
+        auto-decoder codes, else ``'mapping'``."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        st = Path(stem).parent / "train_state.safetensors"
+        if st.is_file():
+            try:
+                t = load_file(str(st))
+            except Exception as e:  # safetensors has its own error types
+                raise ValueError(f"{st}: not a readable safetensors file ({e})") from None
+            if "codes" in t and t["codes"].ndim == 2 and t["codes"].shape[0] >= 2:
+                return cls("codes", t["codes"].float())
+        return cls("mapping")
+
+    @torch.no_grad()
+    def sample(self, G, n: int, gen: torch.Generator, truncation_psi: float = 1.0) -> torch.Tensor:
+        """ws [n, num_ws, w_dim]."""
+        if self.kind == "mapping":
+            z = torch.randn(n, G.cfg.z_dim, generator=gen)
+            return G.mapping(z, front_label().expand(n, -1), truncation_psi=truncation_psi)
+        if self.codes.shape[1] != G.cfg.w_dim:
+            raise ValueError(f"codes have w_dim {self.codes.shape[1]}, the prior {G.cfg.w_dim}")
+        N = self.codes.shape[0]
+        i = torch.randint(N, (n,), generator=gen)
+        j = (i + torch.randint(1, N, (n,), generator=gen)) % N  # j != i
+        a = torch.rand(n, 1, generator=gen)
+        w = self.codes[i] + a * (self.codes[j] - self.codes[i])
+        if truncation_psi != 1.0:
+            w = G.w_avg + truncation_psi * (w - G.w_avg)
+        return w[:, None].repeat(1, G.num_ws, 1)
+
+
 @torch.no_grad()
-def w_statistics(G, n: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_avg [w_dim], w_std [w_dim]): the prior's tracked mean latent and the spread of
-    ``G.mapping`` outputs over ``n`` random z (frontal conditioning)."""
+def w_statistics(G, n: int = 1024, seed: int = 0,
+                 sampler: LatentSampler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_avg [w_dim], w_std [w_dim]): the prior's mean latent and the per-channel spread of
+    ``n`` sampled latents (first style input)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, G.cfg.z_dim, generator=g)
-    w = G.mapping(z, front_label().expand(n, -1))[:, 0]
+    w = (sampler or LatentSampler()).sample(G, n, g)[:, 0]
     return G.w_avg.detach().clone(), w.std(0)
 
 
 @torch.no_grad()
 def sample_prior_batch(G, n: int, gen: torch.Generator, rng: np.random.Generator,
-                       cfg: EncoderTrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       cfg: EncoderTrainConfig, sampler: LatentSampler | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n prior samples: (image [n,3,R,R] generator domain, c [n,25], ws [n,num_ws,w_dim])."""
-    z = torch.randn(n, G.cfg.z_dim, generator=gen)
-    ws = G.mapping(z, front_label().expand(n, -1), truncation_psi=cfg.truncation_psi)
+    ws = (sampler or LatentSampler()).sample(G, n, gen, cfg.truncation_psi)
     yaw = rng.uniform(-cfg.yaw_range, cfg.yaw_range, n)
     pitch = rng.uniform(-cfg.pitch_range, cfg.pitch_range, n)
     c = torch.from_numpy(look_at_labels(yaw, pitch))
@@ -211,7 +275,8 @@ def render_twin_views(seeds, labels: np.ndarray, size: int, cube_n: int = 128,
 def train_encoder(G, cfg: EncoderTrainConfig, enc_cfg: EncoderConfig | None = None,
                   encoder: PortraitEncoder | None = None,
                   twin: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  progress: Callable[[int, int, dict], None] | None = None) -> tuple[PortraitEncoder, list]:
+                  progress: Callable[[int, int, dict], None] | None = None,
+                  sampler: LatentSampler | None = None) -> tuple[PortraitEncoder, list]:
     """Train (or continue training) an encoder for the frozen prior ``G``.
 
     Parameters
@@ -223,6 +288,7 @@ def train_encoder(G, cfg: EncoderTrainConfig, enc_cfg: EncoderConfig | None = No
     twin : optional (images [N,3,R,R] generator domain, labels [N,25]) twin renders; used when
         ``cfg.twin_every`` > 0.
     progress : called as ``progress(step, steps, metrics)`` after every step.
+    sampler : where prior latents come from (default: the mapping network).
 
     Returns
     -------
@@ -234,13 +300,13 @@ def train_encoder(G, cfg: EncoderTrainConfig, enc_cfg: EncoderConfig | None = No
     G.eval().requires_grad_(False)
     if encoder is None:
         encoder = PortraitEncoder(enc_cfg or EncoderConfig.for_generator(G))
-        w_avg, w_std = w_statistics(G, seed=cfg.seed + 1)
+        w_avg, w_std = w_statistics(G, seed=cfg.seed + 1, sampler=sampler)
         encoder.set_w_stats(w_avg, w_std)
     encoder.train()
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
 
     # Pool of rendered prior samples, filled in chunks (rendering is the expensive part).
-    chunks = [sample_prior_batch(G, min(32, cfg.pool_size - k), gen, rng, cfg)
+    chunks = [sample_prior_batch(G, min(32, cfg.pool_size - k), gen, rng, cfg, sampler)
               for k in range(0, cfg.pool_size, 32)]
     pool_img = torch.cat([c[0] for c in chunks])
     pool_c = torch.cat([c[1] for c in chunks])
@@ -251,7 +317,7 @@ def train_encoder(G, cfg: EncoderTrainConfig, enc_cfg: EncoderConfig | None = No
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
         if cfg.refresh:
-            img_n, c_n, ws_n = sample_prior_batch(G, cfg.refresh, gen, rng, cfg)
+            img_n, c_n, ws_n = sample_prior_batch(G, cfg.refresh, gen, rng, cfg, sampler)
             idx = (cursor + torch.arange(cfg.refresh)) % cfg.pool_size
             pool_img[idx], pool_c[idx], pool_ws[idx] = img_n, c_n, ws_n
             cursor = int(idx[-1] + 1)

@@ -22,8 +22,8 @@ from model.encoder import (EncoderConfig, EncoderError, PortraitEncoder, from_ge
                            invert, load_encoder, psnr, refine_latent, save_encoder,
                            to_generator_domain)
 from model.prior import build_generator
-from model.train_encoder import (EncoderTrainConfig, evaluate_inversion, look_at_labels,
-                                 sample_prior_batch, train_encoder, w_statistics)
+from model.train_encoder import (EncoderTrainConfig, LatentSampler, evaluate_inversion,
+                                 look_at_labels, sample_prior_batch, train_encoder, w_statistics)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -179,6 +179,32 @@ def test_cli_trains_writes_and_refuses_overwrite(G, tmp_path):
     assert r2.exit_code != 0 and "refusing to overwrite" in r2.output
     r3 = CliRunner().invoke(main, ["--prior", str(tmp_path), "--out", str(tmp_path / "x")])
     assert r3.exit_code != 0 and "prior" in r3.output
+    assert meta["latents"] == "mapping"
+    r4 = CliRunner().invoke(main, args[:2] + ["--out", str(tmp_path / "enc2"), "--latents", "codes"] + args[4:])
+    assert r4.exit_code != 0 and "codes" in r4.output
+
+
+def test_auto_decoder_codes_sampler(G, tmp_path):
+    from safetensors.torch import save_file
+
+    codes = torch.randn(5, G.cfg.w_dim)
+    save_file({"codes": codes}, str(tmp_path / "train_state.safetensors"))
+    s = LatentSampler.for_prior(tmp_path / "prior")
+    assert s.kind == "codes" and torch.equal(s.codes, codes)
+    assert LatentSampler.for_prior(tmp_path / "elsewhere" / "prior").kind == "mapping"
+    ws = s.sample(G, 200, torch.Generator().manual_seed(0))
+    assert ws.shape == (200, G.num_ws, G.cfg.w_dim)
+    assert torch.equal(ws[:, 0], ws[:, -1])  # one w per subject, broadcast
+    # every sample lies on a segment between two distinct codes: it is an affine mix of them
+    w = ws[:, 0]
+    lo, hi = codes.min(0).values, codes.max(0).values
+    assert torch.all(w >= lo - 1e-5) and torch.all(w <= hi + 1e-5)
+    d = torch.cdist(w, codes).min(1).values
+    assert float(d.median()) > 1e-3  # not just copies of the codes
+    with pytest.raises(ValueError, match="codes"):
+        LatentSampler("codes", codes[:1])
+    w_avg, w_std = w_statistics(G, n=256, sampler=s)
+    torch.testing.assert_close(w_std, w.std(0), atol=0.35 * float(codes.std()), rtol=0)
 
 
 @pytest.mark.slow
