@@ -53,6 +53,7 @@ import hashlib
 import io
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -251,6 +252,7 @@ class _TakeSpec:
     flow: dict[str, Any]
     saturation_margin: float | None
     frames: dict[int, dict[str, _FrameSpec]]  # frame index -> camera -> files
+    run_id: str = ""  # one ingest call: keys the per-worker cache of opened arrays
 
 
 def _calib_from(spec: _CamSpec) -> CameraCalibration:
@@ -337,8 +339,19 @@ def _to_store(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
 # ---- tasks ---------------------------------------------------------------------------------
 
 
-def _open_group(spec: _TakeSpec) -> zarr.Group:
-    return zarr.open_group(spec.store, mode="r+", path=spec.group)
+def _open_group(spec: _TakeSpec) -> "_Arrays":
+    return _arrays(spec.store, spec.group, spec.run_id)
+
+
+class _Arrays(dict):
+    """The take's arrays, opened once per worker process and run (metadata reads are not free
+    on a network file system)."""
+
+
+@lru_cache(maxsize=4)
+def _arrays(store: str, group: str, run_id: str) -> _Arrays:
+    g = zarr.open_group(store, mode="r+", path=group)
+    return _Arrays({name: arr for name, arr in g.arrays()})
 
 
 def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
@@ -758,7 +771,9 @@ def ingest(capture: str | Path, calibration: str | Path, out: str | Path, *,
     plans = [_plan(m, cal, out, cfg, str(calibration)) for m in mans]
     report = IngestReport(store=out)
     takes = []
+    run_id = uuid.uuid4().hex
     for spec, attrs, prov in plans:
+        spec.run_id = run_id
         g, resumed = _prepare_take(spec, attrs, prov, cfg)
         takes.append((spec, g))
         report.takes.append(spec.group)
