@@ -94,6 +94,20 @@ def test_load_grey_rgba_and_float_tiff(tmp_path):
     tifffile.imwrite(tmp_path / "f.tif", lin)
     np.testing.assert_array_equal(F.load_portrait(tmp_path / "f.tif"), lin)  # linear kept
 
+    code16 = np.random.default_rng(3).integers(0, 65536, size=(17, 19, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "i16.tif", code16)
+    np.testing.assert_allclose(F.load_portrait(tmp_path / "i16.tif"), F.srgb_decode(code16 / 65535.0),
+                               atol=1e-6)
+
+
+def test_load_exr_is_linear(tmp_path):
+    OpenEXR = pytest.importorskip("OpenEXR")
+    lin = np.random.default_rng(4).uniform(0, 20, size=(18, 21, 3)).astype(np.float32)
+    with OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage},
+                      {"RGB": np.ascontiguousarray(lin)}) as f:
+        f.write(str(tmp_path / "a.exr"))
+    np.testing.assert_array_equal(F.load_portrait(tmp_path / "a.exr"), lin)
+
 
 def test_load_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(F.PortraitError, match="no such file"):
