@@ -165,11 +165,14 @@ def detect_chart(rgb: np.ndarray, spec: ChartSpec = DEFAULT_CHART,
         raise ChartNotFound(f"found {len(quads)} patch-like squares, need {min_patches}")
     areas = np.array([a for _, _, a in quads])
     # keep the dominant patch size (the chart's patches have similar areas)
+    # (noise in dark regions makes small spurious squares: a cluster scores by its size too)
     best_group: list = []
+    best_score = 0.0
     for ref in np.unique(np.round(np.log(areas), 1)):
         g = [q for q in quads if abs(np.log(q[2]) - ref) < 0.6]
-        if len(g) > len(best_group):
-            best_group = g
+        score = len(g) * np.sqrt(np.median([q[2] for q in g]))
+        if score > best_score:
+            best_group, best_score = g, score
     quads = best_group
     if len(quads) < min_patches:
         raise ChartNotFound(f"only {len(quads)} patch-like squares of a common size, need {min_patches}")
@@ -240,7 +243,7 @@ def detect_chart(rgb: np.ndarray, spec: ChartSpec = DEFAULT_CHART,
 
 def sample_patches(rgb: np.ndarray, H: np.ndarray, spec: ChartSpec = DEFAULT_CHART,
                    saturated: np.ndarray | None = None, fraction: float = 0.5,
-                   trim: float = 0.1, min_pixels: int = 9) -> np.ndarray:
+                   trim: float = 0.1, min_pixels: int = 9, floor: float = 0.004) -> np.ndarray:
     """(24, 3) trimmed-mean camera RGB of every patch (NaN where a patch is outside the image,
     saturated, or too small).
 
@@ -251,6 +254,9 @@ def sample_patches(rgb: np.ndarray, H: np.ndarray, spec: ChartSpec = DEFAULT_CHA
     fraction : side of the sampled central square, as a fraction of the patch side (stays
         clear of the edges, blur and homography error)
     trim : fraction of pixels dropped at each end (by luminance) before averaging
+    floor : a patch with a channel below ``floor`` x that channel's brightest patch is
+        dropped (NaN): a sensor cannot record a response below zero, so such means are
+        clipped, not measured (saturation is handled by the ``saturated`` mask)
     """
     import cv2
 
@@ -277,6 +283,9 @@ def sample_patches(rgb: np.ndarray, H: np.ndarray, spec: ChartSpec = DEFAULT_CHA
         lo, hi = np.quantile(lum, [trim, 1 - trim])
         keep = (lum >= lo) & (lum <= hi)
         out[k] = px[keep].mean(0) if keep.sum() >= 3 else px.mean(0)
+    if floor > 0 and np.isfinite(out).any():
+        top = np.nanmax(out, axis=0)
+        out[np.any(out < floor * top, axis=1)] = np.nan
     return out
 
 
@@ -336,7 +345,7 @@ def _fit_root_poly(cam, ref, weights):
     M = colour.characterisation.matrix_colour_correction(
         cam, ref, method="Finlayson 2015", degree=2, root_polynomial_expansion=True)
     M = np.asarray(M, np.float64)  # (3, 6): R, G, B, sqrt(RG), sqrt(GB), sqrt(RB)
-    check = colour.characterisation.matrix_augmented_Finlayson2015(
+    check = colour.characterisation.polynomial_expansion_Finlayson2015(
         np.array([[1.0, 4.0, 9.0]]), degree=2, root_polynomial_expansion=True)
     expect = np.c_[np.array([[1.0, 4.0, 9.0]]), _root_poly_terms(np.array([[1.0, 4.0, 9.0]]))]
     if not np.allclose(check, expect):

@@ -168,8 +168,12 @@ def find_highlight(lum: np.ndarray, region: np.ndarray | None = None,
     return np.array([(win * xs).sum() / s, (win * ys).sum() / s]), peak
 
 
-def mirror_ray(cam: CameraModel, uv, centre, radius) -> tuple[np.ndarray, np.ndarray] | None:
-    """The mirror ray (origin on the ball, unit direction) of a highlight at pixel uv."""
+def mirror_ray(cam: CameraModel, uv, centre, radius, max_incidence_deg: float = 80.0
+               ) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The mirror ray of a highlight at pixel uv: (origin on the ball, unit direction, weight).
+
+    The weight is cos(incidence): near the rim a pixel spans a wide range of normals, so a
+    highlight there fixes its ray poorly; beyond ``max_incidence_deg`` it is rejected (None)."""
     o, d = pixel_ray(cam, uv)
     d = d[0]
     oc = o - centre
@@ -179,56 +183,66 @@ def mirror_ray(cam: CameraModel, uv, centre, radius) -> tuple[np.ndarray, np.nda
         return None
     x = o + (-b - np.sqrt(disc)) * d
     n = (x - centre) / radius
+    cos_i = float(-(d @ n))
+    if cos_i < np.cos(np.radians(max_incidence_deg)):
+        return None
     r = d - 2 * (d @ n) * n
-    return x, r
+    return x, r, cos_i
 
 
-def triangulate_lines(origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, float]:
-    """Point closest to lines (least squares) and the conditioning (smallest / largest
-    eigenvalue of sum(I - r r^T): near 0 when the lines are near parallel)."""
+def triangulate_lines(origins: np.ndarray, dirs: np.ndarray, weights: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, float]:
+    """Point closest to lines (weighted least squares) and the conditioning (smallest /
+    largest eigenvalue of sum w (I - r r^T): near 0 when the lines are near parallel)."""
+    w = np.ones(len(origins)) if weights is None else np.asarray(weights, np.float64)
     A = np.zeros((3, 3))
     b = np.zeros(3)
-    for o, r in zip(origins, dirs):
-        P = np.eye(3) - np.outer(r, r)
+    for o, r, wi in zip(origins, dirs, w):
+        P = wi * (np.eye(3) - np.outer(r, r))
         A += P
         b += P @ o
-    w = np.linalg.eigvalsh(A)
-    return np.linalg.solve(A, b), float(w[0] / w[-1])
+    ev = np.linalg.eigvalsh(A)
+    return np.linalg.solve(A, b), float(ev[0] / ev[-1])
 
 
-def light_positions(rays: dict[int, list[tuple[np.ndarray, np.ndarray]]],
-                    min_conditioning: float = 5e-4, default_distance: float | None = None
-                    ) -> dict[int, tuple[np.ndarray, str]]:
-    """Light positions from mirror rays ``{light: [(x, r), ...]}``.
+def light_positions(rays: dict[int, list[tuple]], strong_conditioning: float = 2e-3,
+                    default_distance: float | None = None) -> dict[int, tuple[np.ndarray, str]]:
+    """Light positions from mirror rays ``{light: [(x, r, weight), ...]}``.
 
-    Lights with >= 2 rays that cross well enough are triangulated; the others are put where
-    their (mean) ray meets the sphere, about the rig centre, of the median triangulated
-    distance (or ``default_distance``). Returns ``{light: (position, how)}``."""
-    out: dict[int, tuple[np.ndarray, str]] = {}
-    rest = []
+    Mirror rays from one ball fix a light's *direction* well and its *range* poorly (they
+    leave the ball a few cm apart and meet ~1.5 m away). So: every light with >= 2 rays is
+    triangulated; one whose rays cross at a wide enough angle (conditioning >=
+    ``strong_conditioning``) keeps its own range, the others take the median range of all
+    triangulated lights (stages mount their lights on a near-sphere) or ``default_distance``
+    when none was triangulated. Returns ``{light: (position, how)}``."""
+    tri: dict[int, tuple[np.ndarray, float]] = {}
     for i, rl in rays.items():
         if len(rl) >= 2:
-            p, cond = triangulate_lines(np.array([x for x, _ in rl]), np.array([r for _, r in rl]))
-            # the point must be in front of every ray
-            if cond >= min_conditioning and all((p - x) @ r > 0 for x, r in rl):
-                out[i] = (p, f"triangulated from {len(rl)} views")
-                continue
-        if rl:
-            rest.append(i)
-    dists = [np.linalg.norm(p) for p, _ in out.values()]
+            p, cond = triangulate_lines(np.array([t[0] for t in rl]), np.array([t[1] for t in rl]),
+                                        np.array([t[2] for t in rl]))
+            if cond > 1e-7 and all((p - t[0]) @ t[1] > 0 for t in rl):
+                tri[i] = (p, cond)
+    dists = [np.linalg.norm(p) for p, _ in tri.values()]
     R = float(np.median(dists)) if dists else default_distance
-    if rest and R is None:
-        raise LightError(f"lights {rest}: no triangulated light to take the distance from; "
-                         "give more chrome-ball views")
-    for i in rest:
-        xs = np.array([x for x, _ in rays[i]])
-        rs = np.array([r for _, r in rays[i]])
-        x, r = xs.mean(0), rs.mean(0)
-        r /= np.linalg.norm(r)
-        # |x + s r| = R, s > 0
-        b = x @ r
-        s = -b + np.sqrt(max(b * b - (x @ x - R * R), 0.0))
-        out[i] = (x + s * r, f"one view, on the {R:.3f} m light sphere")
+    out: dict[int, tuple[np.ndarray, str]] = {}
+    for i, rl in rays.items():
+        if not rl:
+            continue
+        if i in tri and tri[i][1] >= strong_conditioning:
+            out[i] = (tri[i][0], f"triangulated from {len(rl)} views")
+            continue
+        if R is None:
+            raise LightError(f"light {i}: its mirror rays do not fix its range and no light was "
+                             "triangulated; give more chrome-ball views or a default distance")
+        # each ray meets the sphere |p| = R (s > 0); average the meeting points
+        pts, w = [], []
+        for x, r, wi in rl:
+            b = x @ r
+            s = -b + np.sqrt(max(b * b - (x @ x - R * R), 0.0))
+            pts.append(x + s * r)
+            w.append(wi)
+        p = (np.array(pts) * np.array(w)[:, None]).sum(0) / sum(w)
+        out[i] = (p * (R / np.linalg.norm(p)), f"{len(rl)} view(s), on the {R:.3f} m median light sphere")
     return out
 
 

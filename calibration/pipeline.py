@@ -276,13 +276,20 @@ def calibrate_capture(path: str | Path, config: CalibrateConfig | None = None,
         rays: dict[int, list] = {}
         for j, s in enumerate(chromes):
             i = int(s["truth"]["light"])
-            rays[i] = []
+            found = []
             for c in s["cameras"]:
                 if c not in models:
                     continue
                 h = find_highlight(load(s, c).rgb @ _LUM, _disc(models[c], centre, radius,
                                                                  sizes[c]))
-                if h is None:
+                if h is not None:
+                    found.append((c, h))
+            # a highlight far dimmer than the light's best view is a stray (the true one is
+            # hidden behind the rim): every view of one light sees the same mirror radiance
+            top = max((h[1] for _, h in found), default=0.0)
+            rays[i] = []
+            for c, h in found:
+                if h[1] < 0.1 * top:
                     continue
                 mr = mirror_ray(models[c], h[0], centre, radius)
                 if mr is not None:

@@ -559,6 +559,7 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
                      chart: ChartSpec = DEFAULT_CHART, n_board_poses: int = 30,
                      sphere_radius: float = 0.075, chrome_cameras: int = 3,
                      diffuse_cameras: int = 2, lights: list[int] | None = None,
+                     light_radius: float = 0.025,
                      cameras: list[str] | None = None, supersample: int = 3) -> list[CalibrationShot]:
     """The shots of a calibration capture of ``rig``.
 
@@ -639,8 +640,8 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
     chrome_cams = _pick(cams, chrome_cameras)
     diffuse_cams = _pick(cams, diffuse_cameras)
     ambient = 0.2
-    chrome = SphereTarget(centre, sphere_radius, "chrome", 0.9, 0.05, 0.0, 4)
-    chrome_amb = SphereTarget(centre, sphere_radius, "chrome", 0.9, 0.05, ambient, 2)
+    chrome = SphereTarget(centre, sphere_radius, "chrome", 0.9, light_radius, 0.0, 4)
+    chrome_amb = SphereTarget(centre, sphere_radius, "chrome", 0.9, light_radius, ambient, 2)
     diffuse = SphereTarget(centre, sphere_radius, "diffuse", 0.8, supersample=2)
     sph_truth = {"centre": centre, "radius": sphere_radius}
     shots.append(CalibrationShot(
@@ -653,7 +654,7 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
         {"kind": "diffuse-all", "known": {"radius": sphere_radius, "albedo": 0.8}, **sph_truth}))
     for i in light_ids:
         d2 = float(lp[i] @ lp[i])
-        peak_spec = 0.9 * lrgb[i] / (math.pi * 0.05 ** 2)
+        peak_spec = 0.9 * lrgb[i] / (math.pi * light_radius ** 2)
         peak_diff = 0.8 / math.pi * lrgb[i] / (math.sqrt(d2) - sphere_radius) ** 2
         shots.append(CalibrationShot(
             f"chrome_{i:03d}", chrome, [i], chrome_cams, [_exposure(rig, chrome_cams, peak_spec, 0.7)],
