@@ -13,28 +13,41 @@ with GGX D, separable Smith-GGX G and Schlick F (Cook-Torrance; Walter et al. 20
 subsurface softening (red scatters furthest); ``w = 0`` is exactly Lambert. V is the light's
 cast-shadow visibility.
 
-Exactness and the three approximations (all part of the ground truth, the same function is
-used everywhere):
+Exactness and the approximations (all part of the ground truth: the same function is used
+everywhere, so truth and images always agree):
 
 * Superposition is exact: every light's contribution is computed by the same elementwise
-  code, and contributions are summed in float64.
-* Cast shadows come from a per-light visibility table on a cube map over the subject
-  (``vis_n`` texels per face edge, bilinearly filtered, so shadow edges are ~1-2 mm soft like a
-  small area light's). Shadow rays start 2 mm off the surface along the normal (shadow bias;
-  it also lets the wrapped diffuse reach a little past the terminator). The table is keyed by
-  the light's position in subject space rounded to ``VIS_QUANTUM`` (5 mm; directions to 1e-3):
-  the sub-mm to mm motion between frames reuses one table. Shading (n.l, distances, view
-  vector) is always exact for the current pose.
-* Geometry for a moved subject is refined from the camera's rest-pose depth by Newton steps;
-  pixels near silhouettes and occlusion edges (dilated by the motion's pixel shift) are ray
-  marched from scratch, and poses that move the image by more than ``MAX_INCREMENTAL_SHIFT``
-  pixels are rendered from scratch. The rest pass itself is coarse-to-fine (every 4th pixel
-  marched, then Newton): a feature narrower than 4 pixels between coarse samples can be
-  missed; the head has none at the built-in rigs' resolutions.
+  float32 code whichever chunk of lights it falls in, and lights are summed per channel by a
+  (lights,) x (lights, pixels) product added into float64 (tested to ~1e-7 relative).
+* Cast shadows: per light, a shadow map (``SHADOW_MAP_SIZE``^2, perspective from a point
+  light, orthographic for a distant one) is made by splatting the surface texel points with a
+  depth test; every texel of a visibility cube map (``vis_n`` per face edge) is then tested
+  against it with a normal offset (``SHADOW_OFFSET``), a slope-scaled bias and 2x2 PCF, and
+  the pixel reads that table bilinearly, so shadow edges are ~1-2 mm soft like a small area
+  light's. The tables agree with ray-marched shadow rays on >97 % of texels (tested). They
+  are cached per light; for poses within ``SMALL_MOTION_DEG`` / ``SMALL_MOTION_M`` of rest
+  the light's world position is used (its rest position relative to the subject), so a
+  whole take shares one table per light: a shadow edge is then off by the motion's angle at
+  the light (< ~0.5 deg here, < 0.3 mm on the face). Shading itself (n.l, 1/d^2, view
+  vector, highlights) is always exact for the current pose.
+* Geometry: the rest pose per camera is rendered coarse-to-fine (every 4th pixel ray
+  marched, the rest by Newton from the interpolated depth; uncertain pixels marched), and
+  cached as a depth map. A moved subject reuses it: the rest points are moved by T and
+  splatted with a depth test, which says which surface each pixel sees, and Newton puts the
+  pixel exactly on that surface along its own ray (~1e-9 m); the few pixels where Newton
+  fails (silhouettes) are marched in a short window. Grazing silhouette rays are
+  ill-conditioned (a 1e-8 m change of the surface moves their root by mm), so the two paths
+  can disagree on a handful of such pixels. Poses moving the image by more than
+  ``MAX_INCREMENTAL_SHIFT`` px are rendered from scratch. A feature narrower than the coarse
+  step (4 px) between coarse samples could be missed; the heads have none at the built-in
+  rigs' resolutions.
 
-Performance: geometry per (camera, pose) is cached (LRU) so several renders of one frame
-(several exposures, truth) share it; images are processed in row blocks so a 4096x2160 frame
-stays well under 2 GB; many lights are shaded in chunks with all per-pixel data reused.
+Performance (CPU time, one core, demo rig 512^2, ~77k head pixels, measured on the shared
+2-core machine): a posed frame's geometry ~0.3-0.4 s, shading ~4 ms per light (a 150-light
+tracking frame ~0.5 s, 40x a single-light frame's shading, 1.5x the frame's geometry), a
+shadow table ~60-90 ms per light. Geometry is cached per (camera, pose) (LRU) so several
+renders of one frame share it; images are processed in row blocks of ``BLOCK_PIXELS`` so a
+4096x2160 frame stays far below 2 GB.
 
 References
 ----------

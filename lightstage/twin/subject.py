@@ -92,7 +92,9 @@ def random_subject(seed: int) -> SubjectParams:
         2: (0.32, 0.22, 0.12),
         3: (0.28, 0.27, 0.26),
     }[int(hair_kind)]
-    hair = tuple(float(c * rng.uniform(0.8, 1.2)) for c in hair)
+    # one brightness factor and a slight tint: grey stays grey, brown stays brown
+    hair = np.asarray(hair) * rng.uniform(0.8, 1.2) * (1 + rng.normal(0, 0.03, 3))
+    hair = tuple(float(c) for c in hair)
     iris_kind = rng.integers(0, 3)
     iris = {0: (0.05, 0.025, 0.012), 1: (0.08, 0.06, 0.03), 2: (0.045, 0.07, 0.10)}[int(iris_kind)]
     bald = rng.uniform() < 0.12
@@ -282,7 +284,7 @@ def head_radius_field(p: SubjectParams, s: np.ndarray) -> tuple[np.ndarray, dict
     lo = _Local(ang, c, (0.0, mouth_y - 0.0075, face_z))
     upper = _cap(up, 0.024, 0.0055 * lf, 0.5)
     lower = _cap(lo, 0.021, 0.0070 * lf, 0.5)
-    R = R + 0.0045 * lf * upper + 0.0055 * lf * lower
+    R = R + 0.003 * lf * upper + 0.0036 * lf * lower
     seam = _Local(ang, c, (0.0, mouth_y, face_z))
     R = R - 0.0022 * np.exp(-0.5 * (seam.dv / 0.0012) ** 2) * _cap(seam, 0.024, 0.01, 0.4)
     region["lips"] = np.clip(np.maximum(upper, lower), 0, 1)
