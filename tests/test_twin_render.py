@@ -210,8 +210,12 @@ def test_pose_moves_truth_rigidly(head, cam):
     assert (moved["mask"] != rest["mask"]).mean() < 0.003
     pos_rest_moved = rest["position"][both] @ T[:3, :3].T + T[:3, 3]
     err = np.linalg.norm(moved["position"][both] - pos_rest_moved, axis=1)
-    # grazing pixels on silhouettes can land on a neighbouring root: allow a handful
-    assert np.mean(err < 2e-5) > 0.995
+    # grazing rays (view nearly tangent) are ill-conditioned: a 1e-8 m change of the surface
+    # moves their root by mm, and the two paths may land on neighbouring roots
+    v = cam2.centre - rest["position"][both]
+    ndv = (rest["normal"][both] * v).sum(1) / np.linalg.norm(v, axis=1)
+    assert np.mean(err[ndv > 0.15] < 2e-5) > 0.995
+    assert np.mean(err < 2e-5) > 0.98
     good = err < 2e-5
     nrot = rest["normal"][both] @ T[:3, :3].T
     assert np.abs(moved["normal"][both][good] - nrot[good]).max() < 2e-3

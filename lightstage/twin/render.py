@@ -92,7 +92,7 @@ SHADOW_BIAS = 0.001  # m; constant depth bias of the shadow-map test (plus a slo
 SHADOW_MAP_SIZE = 384  # px per side of a light's shadow map
 MAX_INCREMENTAL_SHIFT = 12.0  # px; larger motions re-render geometry from scratch
 BLOCK_PIXELS = 1 << 18  # pixels per row block (bounds memory on large sensors)
-_FALLBACK_STEPS = 64  # march steps for the few pixels the posed-geometry Newton cannot place
+_FALLBACK_STEPS = 300  # march steps for the few pixels the posed-geometry Newton cannot place
 _JUMP = 0.003  # m; a depth step larger than this between neighbours is an occlusion edge
 
 
@@ -321,9 +321,9 @@ class StarScene:
                 # no head feature is 3 cm nearer than every coarse neighbour's hit
                 lo_i = lo.ravel()[i]
                 t_lo = np.where(np.isfinite(lo_i), lo_i - 0.03, 0.0)
-                hi_i = np.where(np.isfinite(cs), cs, -np.inf).max(0).ravel()[i]
-                t_hi = np.where(np.isfinite(hi_i), hi_i + 0.03, np.inf)
-                t_blk[i] = S.march(o_s, d_s[i], t_start=t_lo, t_end=t_hi)
+                # no end bound: past a silhouette the ray may meet surface that no coarse
+                # sample saw (the far side of the head)
+                t_blk[i] = S.march(o_s, d_s[i], t_start=t_lo)
             t_out[r0:r1] = t_blk.reshape(r1 - r0, W)
         return t_out
 
@@ -369,7 +369,6 @@ class StarScene:
             best = np.full(nb, np.inf)
             np.minimum.at(best, (iv - r0) * W + iu, keyz)
             best = best.reshape(r1 - r0, W)
-            own = np.isfinite(best).ravel()
             filled = minimum_filter(best, size=3, mode="constant", cval=np.inf)
             best = np.where(np.isfinite(best), best, filled).ravel()
             pix = np.flatnonzero(np.isfinite(best))
@@ -384,20 +383,18 @@ class StarScene:
             tn, err = S.newton(np.broadcast_to(o_s, (pix.size, 3)), d_s, guess, iterations=3)
             ok = (err < 2e-6) & (np.abs(tn - guess) < 0.01)
             t_blk[pix[ok]] = tn[ok]
-            # a pinhole pixel (no moved point of its own) where Newton finds no surface is
-            # beside the silhouette: background. Only pixels with their own point are marched.
-            bad = pix[~ok & own[pix]]
+            # the rest (silhouettes, newly uncovered surface) is marched in a short window
+            bad = pix[~ok]
             if bad.size:
                 gimg = t_blk.copy()
                 gimg[pix] = guess
                 gimg = gimg.reshape(r1 - r0, W)
                 lo = minimum_filter(gimg, size=5, mode="constant", cval=np.inf).ravel()[bad]
-                hi = maximum_filter(np.where(np.isfinite(gimg), gimg, -np.inf), size=5,
-                                    mode="constant", cval=-np.inf).ravel()[bad]
-                # a ray still undecided after _FALLBACK_STEPS steps is crawling along a
-                # silhouette it never touches: background
+                # no end bound: past a silhouette the ray may meet surface that no rest pixel
+                # nearby saw (the far side of the head). A ray still undecided after
+                # _FALLBACK_STEPS steps is crawling along a silhouette it never touches.
                 t_blk[bad] = S.march(o_s, d_blk[bad] @ Ti[:3, :3].T, max_steps=_FALLBACK_STEPS,
-                                     t_start=lo - disp - 0.003, t_end=hi + disp + 0.01)
+                                     t_start=lo - disp - 0.003)
             t_out[r0:r1] = t_blk.reshape(r1 - r0, W)
         return t_out
 
