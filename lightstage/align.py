@@ -79,7 +79,8 @@ class FlowConfig:
 
 def luminance(rgb_planar: np.ndarray) -> np.ndarray:
     """``(3, H, W)`` linear RGB -> ``(H, W)`` float32 Rec.709 luminance."""
-    return np.tensordot(_LUMA, np.asarray(rgb_planar, np.float32), axes=1)
+    rgb = np.asarray(rgb_planar, np.float32)
+    return np.matmul(_LUMA, rgb.reshape(3, -1)).reshape(rgb.shape[1:])
 
 
 def tone_white(lum: np.ndarray) -> float:

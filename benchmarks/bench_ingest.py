@@ -1,0 +1,204 @@
+"""ls-ingest throughput against its I/O floor, worker scaling, and memory per worker.
+
+* ``ingest_vs_io_floor``: wall time of a full in-process ingest (decode, merge, demosaic,
+  colour, optical flow, warp, write) of a synthetic capture, against a bare loop over the same
+  files that only decodes them (``rawpy.imread`` + copy of ``raw_image_visible``) and writes
+  the same output bytes (the ingested images, so the codec sees the same data) into a store of
+  the same layout and codec. ratio = floor time / ingest time (goal >= 0.7).
+* ``two_workers_vs_one``: ingest on an already running LocalCluster of 2 vs 1 spawned worker
+  processes (cluster start-up excluded). ratio = t(1) / t(2) (goal >= 1.8; needs >= 2 idle cores).
+* ``peak_memory_lsx331_frame``: peak RSS of a fresh process that processes one lsx-331 frame
+  (4096 x 2160, 2-exposure 14-bit DNG bracket) like an OLAT task (decode, merge, demosaic,
+  colour, warp with a dense flow); ratio = 4 GB / peak (goal >= 1).
+
+The capture is written with the twin's sensor model and DNG writer from a static textured
+radiance, so the benchmark does not depend on the renderer's speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _texture(h, w, ci):
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    t = 0.4 + 0.15 * np.sin(x / 7.3 + ci) * np.cos(y / 5.1) + 0.1 * np.sin((x + 2 * y) / 11.0)
+    return t[..., None] * np.array([1.0, 0.8, 0.6])
+
+
+def write_capture(root: Path, h: int, w: int, n_olat: int, rig_name: str = "tiny",
+                  n_cams: int | None = None) -> tuple[Path, Path]:
+    """A static synthetic capture: tracking, n_olat OLATs, tracking; returns (folder, calib)."""
+    from lightstage.calibfile import save_calibration
+    from lightstage.dng import write_dng
+    from lightstage.manifest import CaptureManifest, FrameRecord, RawFile
+    from lightstage.rig import Frame, builtin_rig, save_rig
+    from lightstage.twin.sensor import dng_metadata, light_irradiance, simulate_raw, truth_calibration
+
+    rig = copy.deepcopy(builtin_rig(rig_name))
+    if n_cams:
+        rig.cameras = rig.cameras[:n_cams]
+    for c in rig.cameras:
+        K = np.asarray(c.K)
+        K[0] *= w / c.sensor.width
+        K[1] *= h / c.sensor.height
+        c.K = K.tolist()
+        c.sensor.width, c.sensor.height = w, h
+    exps = rig.sequence[1].exposures
+    seq = [Frame(0, "tracking", exps)] + [Frame(i + 1, "olat", exps, i) for i in range(n_olat)]
+    seq.append(Frame(n_olat + 1, "tracking", exps))
+    rig.sequence = seq
+    root.mkdir(parents=True, exist_ok=True)
+    save_rig(rig, root / "rig.json")
+    take = root / "s000" / "t0"
+    E = light_irradiance(rig)
+    recs = []
+    for fr in seq:
+        files = {}
+        for ci, cam in enumerate(rig.cameras):
+            base = _texture(h, w, ci)
+            rad = base * (E[fr.light] if fr.kind == "olat" else E[:n_olat].mean(0) * 2)
+            lst = []
+            for k, t in enumerate(fr.exposures):
+                rel = f"raw/{cam.name}/f{fr.index:04d}_e{k}.dng"
+                (take / rel).parent.mkdir(parents=True, exist_ok=True)
+                sha = write_dng(take / rel, simulate_raw(rad, cam, t, noise=False), dng_metadata(cam, t))
+                lst.append(RawFile(rel, t, cam.sensor.iso, sha))
+            files[cam.name] = lst
+        recs.append(FrameRecord(fr.index, fr.kind, fr.light, files))
+    CaptureManifest(root=take, rig=rig, subject="s000", take="t0", frames=recs,
+                    rig_ref="../../rig.json").save()
+    cal = root / "cal.json"
+    save_calibration(truth_calibration(rig), cal, overwrite=True)
+    return root, cal
+
+
+def _io_floor(cap: Path, store: Path, scratch: Path) -> float:
+    """Decode every raw file (imread + copy) and write the ingested images into a fresh store
+    of the same layout/codec: the least any ingest has to do."""
+    import rawpy
+    import zarr
+
+    from lightstage.store import create_take
+
+    src = zarr.open_group(str(store), mode="r")["s000/t0"]
+    olat, valid, tracking = src["olat"][...], src["valid"][...], src["tracking"][...]
+    C, L, _, H, W = olat.shape
+    files = sorted((cap / "s000" / "t0" / "raw").rglob("*.dng"))
+    g = create_take(scratch / "floor.zarr", "s", "t", cameras=[f"c{i}" for i in range(C)],
+                    n_lights=L, n_tracking=tracking.shape[1], height=H, width=W, attrs={},
+                    dtype=str(olat.dtype))
+    t0 = time.perf_counter()
+    for p in files:
+        with rawpy.imread(str(p)) as r:
+            r.raw_image_visible.copy()
+    for c in range(C):
+        for j in range(tracking.shape[1]):
+            g["tracking"][c, j] = tracking[c, j]
+        for li in range(L):
+            g["olat"][c, li] = olat[c, li]
+            g["valid"][c, li] = valid[c, li]
+    return time.perf_counter() - t0
+
+
+_MEM_CODE = r"""
+import json, resource, sys, numpy as np
+from pathlib import Path
+from lightstage import align
+from lightstage.ingest import _CamSpec, _FrameSpec, process_frame, _to_store
+from lightstage.calibfile import load_calibration, Calibration
+cap, cal_p, cam = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+cal = load_calibration(cal_p)
+d = Calibration(rig="", cameras={cam: cal.cameras[cam]}, lights=[]).to_dict()["cameras"][cam]
+H, W = cal.cameras[cam].image_size
+man = json.loads((cap / "s000/t0/capture.json").read_text())
+fr = [f for f in man["frames"] if f["kind"] == "olat"][0]
+files = [(str(cap / "s000/t0" / r["path"]), r["exposure"], r["iso"], None) for r in fr["files"][cam]]
+def hwm():  # VmHWM: unlike ru_maxrss it is not inherited across fork + exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) / 1024
+base = hwm()
+rgb, valid = process_frame(_CamSpec(cam, H, W, d), _FrameSpec(fr["index"], "olat", 0, files), False)
+y, x = np.mgrid[0:H, 0:W].astype(np.float32)
+flow = np.stack([0.5 + 0.1 * np.sin(x / 300), 0.3 * np.cos(y / 200)], -1).astype(np.float32)
+rgb, inside = align.warp(rgb, flow)
+v, _ = align.warp(valid.astype(np.float32), flow)
+s = _to_store(rgb, 1.0, "float16")
+peak = hwm()
+print(json.dumps({"baseline_mb": base, "peak_mb": peak}))
+"""
+
+
+def main(quick: bool = False) -> list[dict]:
+    from lightstage.ingest import IngestConfig, ingest
+
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
+    try:
+        h = w = 128 if quick else 384
+        n = 8 if quick else 16
+        cap, cal = write_capture(tmp / "cap", h, w, n)
+        t_ings, t_floors = [], []
+        for rep_i in range(2):  # interleaved, best of 2: the machine is shared
+            out = tmp / f"a{rep_i}.zarr"
+            t0 = time.perf_counter()
+            rep = ingest(cap, cal, out, config=IngestConfig())
+            t_ings.append(time.perf_counter() - t0)
+            assert rep.ok, rep.errors
+            shutil.rmtree(tmp / "floor.zarr", ignore_errors=True)
+            t_floors.append(_io_floor(cap, out, tmp))
+        t_ing, t_floor = min(t_ings), min(t_floors)
+        n_img = 4 * (n + 2)
+        rows.append({"name": "ingest_vs_io_floor", "ratio": t_floor / t_ing, "goal": ">= 0.7",
+                     "ingest_s": t_ing, "floor_s": t_floor, "images": n_img, "size": [h, w],
+                     "ingest_images_per_s": n_img / t_ing, "load_avg": os.getloadavg()[0]})
+
+        import dask
+        from distributed import Client, LocalCluster
+
+        dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
+        times = {}
+        for nw in (1, 2):
+            with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
+                              dashboard_address=":0", silence_logs=40) as cl, Client(cl) as cli:
+                cli.run(lambda: __import__("lightstage.ingest"))  # warm imports in workers
+                t0 = time.perf_counter()
+                rep = ingest(cap, cal, tmp / f"w{nw}.zarr", scheduler=cl.scheduler_address)
+                times[nw] = time.perf_counter() - t0
+                assert rep.ok, rep.errors
+        rows.append({"name": "two_workers_vs_one", "ratio": times[1] / times[2], "goal": ">= 1.8",
+                     "one_worker_s": times[1], "two_workers_s": times[2],
+                     "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()[0]})
+
+        if not quick:
+            capL, calL = write_capture(tmp / "capL", 2160, 4096, 1, rig_name="lsx-331", n_cams=1)
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            r = subprocess.run([sys.executable, "-c", _MEM_CODE, str(capL), str(calL), "cam00"],
+                               env=env, capture_output=True, text=True, cwd=ROOT)
+            if r.returncode != 0:
+                raise RuntimeError(r.stderr[-2000:])
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append({"name": "peak_memory_lsx331_frame", "ratio": 4096.0 / m["peak_mb"],
+                         "goal": ">= 1 (peak < 4 GB per worker)", **m,
+                         "frame": "4096x2160, 2 exposures, 14-bit"})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    for r in main(quick="--quick" in sys.argv):
+        print(json.dumps(r, default=str))
