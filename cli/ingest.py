@@ -27,7 +27,7 @@ __all__ = ["main"]
 class _Rate(ProgressColumn):
     def render(self, task):
         s = task.finished_speed or task.speed
-        return Text("-- img/s" if s is None else f"{s:.1f} img/s")
+        return Text("-- frames/s" if s is None else f"{s:.1f} frames/s")
 
 
 def _progress(console: Console) -> Progress:
