@@ -398,6 +398,8 @@ def test_refuses_non_empty_out_and_overwrites_only_its_own(tmp_path):
     assert [f.index for f in man.frames] == [1]
     with pytest.raises(SimulationError, match="frames"):
         simulate(tmp_path / "x", rig, 1, frames="500:600")
+    with pytest.raises(SimulationError, match="module-level"):
+        simulate(tmp_path / "x", rig, 1, workers=2, subject_factory=lambda s: sphere_subject(s))
     assert not (tmp_path / "x").exists()
 
 

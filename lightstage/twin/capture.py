@@ -467,6 +467,14 @@ def simulate(
         raise SimulationError(f"rig {rig.name!r}: the truth store needs one resolution for all "
                               f"cameras, got {sorted(shapes)}")
     factory = subject_factory or default_subject
+    if workers > 1:
+        import pickle
+
+        try:
+            pickle.dumps(factory)
+        except Exception as e:  # lambdas, closures: spawned workers could not rebuild them
+            raise SimulationError(f"subject_factory {factory!r} cannot be sent to worker "
+                                  f"processes ({e}); use a module-level function or workers=1") from None
     cal_kwargs: dict[str, Any] | None = None
     if calibration:
         cal_kwargs = dict(calibration) if isinstance(calibration, dict) else {}
