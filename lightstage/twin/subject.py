@@ -145,19 +145,6 @@ def _ellipsoid_r(s, c, e, a):
     return (-B + np.sqrt(B * B - A * C)) / A
 
 
-def _cylinder_r(s, c, axis_xz, radius, y0, y1):
-    """Radial distance from c to a y-aligned capped cylinder containing c."""
-    dx, dz = c[0] - axis_xz[0], c[2] - axis_xz[1]
-    A = s[:, 0] ** 2 + s[:, 2] ** 2
-    B = s[:, 0] * dx + s[:, 2] * dz
-    C = dx * dx + dz * dz - radius * radius
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r_side = np.where(A > 1e-12, (-B + np.sqrt(B * B - A * C)) / np.maximum(A, 1e-12), np.inf)
-        r_cap = np.where(s[:, 1] > 1e-9, (y1 - c[1]) / s[:, 1],
-                         np.where(s[:, 1] < -1e-9, (y0 - c[1]) / s[:, 1], np.inf))
-    return np.minimum(r_side, r_cap)
-
-
 def _smax(rs, k):
     """Smooth maximum (log-sum-exp with softness k metres)."""
     m = np.max(rs, axis=0)
