@@ -104,7 +104,8 @@ def default_subject(seed: int) -> SubjectSpec:
 
 def subject_seed(seed: int, index: int) -> int:
     """The seed of subject ``index`` of a simulation seeded ``seed``."""
-    return int(np.random.SeedSequence([int(seed), 0x5B1EC7, int(index)]).generate_state(1)[0])
+    # modulo 2^64: SeedSequence takes non-negative entropy only, any int seed is accepted
+    return int(np.random.SeedSequence([int(seed) % (1 << 64), 0x5B1EC7, int(index)]).generate_state(1)[0])
 
 
 def _rotation(rv: np.ndarray) -> np.ndarray:
@@ -125,7 +126,7 @@ def motion_trajectory(n_frames: int, seed: int, rest_frame: int = 0,
     30-100 % of ``max_translation`` (metres) / ``max_rotation_deg``. Rotation pivots at the
     neck (:data:`NECK_PIVOT`).
     """
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x0707]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 64), 0x0707]))
     t = np.linspace(0.0, 1.0, max(n_frames, 1))
     k = np.arange(1, 4)
     amp = rng.uniform(0.2, 1.0, (6, 3)) / k  # lower frequencies dominate: smooth drift
