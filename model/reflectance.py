@@ -19,7 +19,9 @@ Two heads, chosen by :class:`ReflectanceConfig.head`:
     The trunk sees only the triplane and yields a basis triplane ``(B, 3, F, Hp, Wp)``; the
     decoder gives, per sample, K non-negative basis colours ``b_k`` (K, 3). A light embedding
     ``phi(l) >= 0`` (an MLP on real spherical-harmonic features of ``l``) mixes them:
-    ``c_s(l) = sum_k phi_k(l) b_k,s``. Volume rendering with fixed weights is linear in the
+    ``c_s(l) = sum_k phi_k(l) b_k,s``. phi starts as K smooth lobes around fixed anchor
+    directions (``phi_k = softplus(kappa (d_k . l - 1) + 1 + MLP(SH(l))_k)``, MLP initialised
+    to zero), so training starts from a "K virtual lights" factorisation. Volume rendering with fixed weights is linear in the
     sample colour, so ``OLAT(l) = sum_k phi_k(l) B_k`` with ``B_k = sum_s w_s b_k,s`` the
     rendered basis images, and an environment relight with per-light RGB weights ``E_i`` is
     ``sum_k (sum_i E_i phi_k(l_i)) B_k``: one network pass whatever the number of lights.
@@ -81,6 +83,8 @@ class ReflectanceConfig:
     n_basis : K, basis colours per sample (``basis`` head only).
     light_sh_degree : degree of the real-SH encoding of the light direction (basis head).
     embed_hidden : width of the light-embedding MLP (basis head).
+    anchor_sharpness : initial sharpness of the anchor lobes of phi (basis head; see
+        :class:`ReflectanceNet`).
     view_sh_degree : degree of the real-SH encoding of the view direction (both heads).
     decoder_hidden : width of the per-sample decoder MLP.
     box_warp : side of the triplane cube in head units (EG3D: 1).
@@ -97,6 +101,7 @@ class ReflectanceConfig:
     n_basis: int = 16
     light_sh_degree: int = 4
     embed_hidden: int = 64
+    anchor_sharpness: float = 4.0
     view_sh_degree: int = 2
     decoder_hidden: int = 64
     box_warp: float = 1.0
@@ -254,6 +259,15 @@ def real_sh(dirs: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
+def _fibonacci(n: int) -> torch.Tensor:
+    """(n, 3) near-uniform unit directions on the sphere (y up)."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    y = 1 - 2 * i / n
+    r = torch.sqrt(torch.clamp(1 - y * y, min=0))
+    phi = i * math.pi * (3 - math.sqrt(5))
+    return torch.stack([r * torch.sin(phi), y, r * torch.cos(phi)], -1).float()
+
+
 def render_fixed(colours: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Volume rendering with fixed weights: ``sum_s w_s c_s``.
 
@@ -347,8 +361,21 @@ class ReflectanceNet(nn.Module):
             self.embed = nn.Sequential(nn.Linear(n_sh, cfg.embed_hidden), nn.SiLU(),
                                        nn.Linear(cfg.embed_hidden, cfg.embed_hidden), nn.SiLU(),
                                        nn.Linear(cfg.embed_hidden, cfg.n_basis))
-        # softplus(0) = ln 2: start the output near radiance_scale rather than at a tiny value
+            nn.init.zeros_(self.embed[-1].weight)
+            nn.init.zeros_(self.embed[-1].bias)
+            # anchor directions: phi_k starts as a smooth lobe around d_k ("virtual light k"), so
+            # the K bases specialise from step one instead of starting symmetric (the slow start
+            # of non-negative factorisations); the MLP then learns the correction
+            self.register_buffer("anchors", _fibonacci(cfg.n_basis), persistent=False)
+            self.anchor_sharpness = nn.Parameter(torch.tensor(float(cfg.anchor_sharpness)))
+            with torch.no_grad():
+                probe = _fibonacci(512)
+                self._phi_norm = float(self._phi_raw(probe).sum(-1).mean())
+        # outputs start around softplus(0) = ln 2 (x radiance_scale)
         nn.init.zeros_(self.decoder[-1].bias)
+        if cfg.head == "concat":
+            with torch.no_grad():
+                self.decoder[-1].weight.mul_(0.1)
 
     # -- triplanes ----------------------------------------------------------------------
     def feature_planes(self, planes: torch.Tensor, light_dirs: torch.Tensor | None = None) -> torch.Tensor:
@@ -379,18 +406,31 @@ class ReflectanceNet(nn.Module):
     def _radiance(self, x: torch.Tensor) -> torch.Tensor:
         return self.cfg.radiance_scale * F.softplus(x)
 
+    def render_planes(self, feat_planes: torch.Tensor, samples: GeometrySamples) -> torch.Tensor:
+        """Decode and volume-render feature planes (B, 3, F, H, W) from :meth:`feature_planes`.
+
+        Returns (B, R, 3) radiance (concat) or (B, R, 3K) basis images, channel ``3k + c`` =
+        basis k, colour c (basis).
+        """
+        return render_fixed(self._radiance(self._decode(feat_planes, samples)), samples.weights)
+
     # -- basis head ----------------------------------------------------------------------
     def light_coefficients(self, light_dirs: torch.Tensor) -> torch.Tensor:
         """phi(l) >= 0: (..., 3) unit head-frame light directions -> (..., K)."""
         self._need("basis")
-        return F.softplus(self.embed(real_sh(light_dirs, self.cfg.light_sh_degree)))
+        # normalised so sum_k phi_k ~ 1 at init: the mix starts as an average of the bases, not
+        # a K-fold sum (which overshoots the target and drives the softplus into its flat part)
+        return self._phi_raw(light_dirs) / self._phi_norm
+
+    def _phi_raw(self, light_dirs: torch.Tensor) -> torch.Tensor:
+        lobe = self.anchor_sharpness * (light_dirs @ self.anchors.T.to(light_dirs.dtype) - 1) + 1
+        return F.softplus(lobe + self.embed(real_sh(light_dirs, self.cfg.light_sh_degree)))
 
     def render_basis(self, planes: torch.Tensor, samples: GeometrySamples) -> torch.Tensor:
         """Rendered basis images B_k: (B, K, R, 3) (radiance units, non-negative)."""
         self._need("basis")
         B, R, S, _ = samples.points.shape
-        b = self._radiance(self._decode(self.feature_planes(planes), samples))  # (B,R,S,3K)
-        img = render_fixed(b, samples.weights)  # (B, R, 3K)
+        img = self.render_planes(self.feature_planes(planes), samples)  # (B, R, 3K)
         return img.reshape(B, R, self.cfg.n_basis, 3).permute(0, 2, 1, 3)
 
     # -- both heads ----------------------------------------------------------------------
@@ -413,8 +453,7 @@ class ReflectanceNet(nn.Module):
             fp = self.feature_planes(planes.repeat_interleave(l, 0), ld.reshape(B * l, 3))
             rep = GeometrySamples(samples.points.repeat_interleave(l, 0), samples.weights.repeat_interleave(l, 0),
                              samples.dirs.repeat_interleave(l, 0))
-            c = self._radiance(self._decode(fp, rep))  # (B*l, R, S, 3)
-            outs.append(render_fixed(c, rep.weights).reshape(B, l, -1, 3))
+            outs.append(self.render_planes(fp, rep).reshape(B, l, -1, 3))
         return torch.cat(outs, 1)
 
     def relight(self, planes: torch.Tensor, samples: GeometrySamples, light_dirs: torch.Tensor,

@@ -20,6 +20,15 @@ from model.olat_data import DataConfig, OlatDataset, head_cameras, make_splits, 
 from model.reflectance import (GeometrySamples, ReflectanceConfig, ReflectanceNet, march_density,
                                real_sh, render_fixed, sample_triplane)
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors on a shared 2-core machine: one thread avoids oversubscription stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---- analytic sphere store ---------------------------------------------------------------------
 
 SPHERE_R = 0.1  # metres, centred at the world origin
@@ -54,7 +63,7 @@ def shade(n, v, l, subject):
     ndl = np.clip((n * l).sum(-1), 0, None)
     h = l + v
     h /= np.linalg.norm(h, axis=-1, keepdims=True)
-    spec = 0.4 * np.clip((n * h).sum(-1), 0, None) ** 30 * (ndl > 0)
+    spec = 0.08 * np.clip((n * h).sum(-1), 0, None) ** 20 * (ndl > 0)
     return albedo(n, subject) / np.pi * ndl[..., None] + spec[..., None]
 
 
