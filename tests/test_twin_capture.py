@@ -322,8 +322,8 @@ def test_capture_truth_store_and_motion(tiny_capture):
     P = np.asarray([f["pose"] for f in m["frames"]])
     assert len(P) == len(rig.sequence)
     np.testing.assert_allclose(P[m["rest_frame"]], np.eye(4), atol=1e-12)
-    tracking = [f.index for f in rig.sequence if f.kind == "tracking"]
-    assert m["rest_frame"] == tracking[(len(tracking) - 1) // 2]
+    # frames 0:5 hold one tracking frame (1): ingest's central reference for this capture
+    assert m["rest_frame"] == 1 and rig.sequence[1].kind == "tracking"
     ang = np.degrees(np.arccos(np.clip((np.trace(P[:, :3, :3], axis1=1, axis2=2) - 1) / 2, -1, 1)))
     assert ang.max() < 0.5 and ang.max() > 0.01
     # head centre displacement: sub-mm to a few mm
@@ -484,4 +484,6 @@ def test_cli_tiny_head_capture_in_seconds(tmp_path):
     with rawpy.imread(str(man.path(tr))) as r:
         raw = r.raw_image.copy()
     assert raw.max() > builtin_rig("tiny").cameras[0].sensor.black_level + 50  # the head is lit
-    assert not (out / "calibration").exists()
+    assert not (out / "calibration" / "shots.json").exists()
+    cal = load_calibration(out / "calibration" / "truth_calibration.json")  # always written
+    assert cal.source == "twin-ground-truth"

@@ -14,14 +14,14 @@ Output folder (the layout of :mod:`lightstage.manifest`)::
       <subject>/<take>/truth/cameras/<camera>.npz   mask, depth, normal, albedo, position
       <subject>/<take>/truth/motion.json    per frame the 4x4 subject -> world pose
       <subject>/<take>/truth/subject.json   subject parameters, world2head
-      calibration/<shot>/<camera>_e<k>.dng  every shot of targets.calibration_plan
-      calibration/shots.json                shots, files, exposures, lights, truth
-      calibration/truth_calibration.json    the exact calibration (lightstage-calibration)
+      calibration/<shot>/<camera>_e<k>.dng  every shot of targets.calibration_plan (optional)
+      calibration/shots.json                shots, files, exposures, lights, truth (optional)
+      calibration/truth_calibration.json    the exact calibration (lightstage-calibration), always
 
 Frames: ``olat`` has its light on, ``tracking`` all lights, ``dark`` none. Between frames the
 subject moves rigidly along a smooth seeded trajectory (sub-mm to ~2 mm, < 0.4 deg, about a
-neck pivot); the *rest pose* (identity) is the pose of the central tracking frame (ingest's
-default motion reference), and truth is rendered there. Per unit light means divided by the light's irradiance at the rig centre
+neck pivot); the *rest pose* (identity) is the pose of the central tracking frame among the
+frames simulated (ingest's default motion reference), and truth is rendered there. Per unit light means divided by the light's irradiance at the rig centre
 (``colour * intensity / |p|^2``, the truth calibration's light ``rgb``).
 
 Work is split into one task per (frame, camera) (and per (calibration shot, camera)), run in
@@ -487,7 +487,7 @@ def simulate(
     out.mkdir(parents=True, exist_ok=True)
 
     subjects = [f"s{i:03d}" for i in range(n_subjects)]
-    entries = [MARKER, "rig.json"] + subjects + (["calibration"] if cal_kwargs is not None else [])
+    entries = [MARKER, "rig.json", "calibration"] + subjects
     prov = _provenance(seed, noise, frame_list, n_frames)
     # the marker goes first: even an interrupted run can be replaced with --overwrite
     _write_json(out / MARKER, {"format": SIMULATION_FORMAT, "version": 1, "rig": rig.name,
@@ -513,9 +513,10 @@ def simulate(
 
     olat_frames = [f.index for f in rig.sequence if f.kind == "olat"]
     track_frames = [f.index for f in rig.sequence if f.kind == "tracking"]
-    # rest pose = the central tracking frame: ingest's default motion reference, so its store
-    # and this truth are aligned without any warping
-    rest_frame = track_frames[(len(track_frames) - 1) // 2] if track_frames else 0
+    # rest pose = the central tracking frame *of the frames simulated*: ingest's default motion
+    # reference for this capture, so its store and this truth align without any warping
+    sim_track = [f for f in track_frames if f in set(frame_list)] or track_frames
+    rest_frame = sim_track[(len(sim_track) - 1) // 2] if sim_track else 0
     take_info = []
     for si, subject in enumerate(subjects):
         spec = factory(subject_seed(seed, si))
@@ -527,7 +528,7 @@ def simulate(
         poses = motion_trajectory(n_frames, subject_seed(seed, si), rest_frame)
         _write_json(truth / "motion.json", {
             "convention": "per frame the 4x4 rigid subject -> world motion; identity = rest pose "
-                          "(the central tracking frame), at which truth is rendered",
+                          "(the central simulated tracking frame), at which truth is rendered",
             "rest_frame": rest_frame,
             "frames": [{"index": f, "pose": poses[f]} for f in range(n_frames)]})
         _write_json(truth / "subject.json", {"subject": subject, "seed": subject_seed(seed, si),
@@ -608,5 +609,7 @@ def simulate(
         _write_json(out / "calibration" / "shots.json",
                     {"format": "lightstage-calibration-shots", "version": 1, "rig": rig.name,
                      "paths": "relative to this folder", "shots": shots_json, "provenance": prov})
-        save_calibration(cal_truth, out / "calibration" / "truth_calibration.json", overwrite=True)
+    # always: the exact calibration lets ingest run before (or without) ls-calibrate
+    (out / "calibration").mkdir(exist_ok=True)
+    save_calibration(cal_truth, out / "calibration" / "truth_calibration.json", overwrite=True)
     return out
