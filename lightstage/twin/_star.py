@@ -29,6 +29,8 @@ __all__ = ["StarSurface"]
 _NEAR = 2e-4  # m: march stops when f < this; Newton then polishes to ~1e-9 m
 _NEAR_FINE = 1e-7  # m: the same for grazing rays where Newton is ill-conditioned
 _RELAX = 1.6
+_CRAWL_AFTER = 48  # march iterations after which the step floor starts to grow ...
+_CRAWL_GROWTH = 1.06  # ... by this factor per iteration
 _CREEP = 0.01  # m: how far grazing rays creep at full precision before marching on
 _MIN_STEP = 1.5e-4  # m: no feature of a head is thinner (keeps grazing rays from crawling)
 _STEP_ANGLE = 0.06  # rad: steps using the local slope bound stay within this cone
@@ -172,9 +174,14 @@ class StarSurface:
         R = self.R
         lloc = self.lloc
         found_i, found_t, found_a, found_fa, found_fb = [], [], [], [], []
-        for _ in range(max_steps):
+        min_step = _MIN_STEP
+        for it in range(max_steps):
             if act.size == 0:
                 break
+            if it >= _CRAWL_AFTER:
+                # the few rays still going are crawling along a surface they graze: let the
+                # step floor grow so they finish (slivers thinner than it may be skipped)
+                min_step *= _CRAWL_GROWTH
             rel = o[act] + d[act] * t[:, None] - self.centre
             rho = np.sqrt(np.einsum("ij,ij->i", rel, rel))
             lk = self.lookup(rel)
@@ -195,9 +202,9 @@ class StarSurface:
                 found_fa.append(f_prev[hit])
                 found_fb.append(f[hit])
             # safe step from the last accepted point for the bad ones
-            safe = np.maximum(f_prev / bound_l, _MIN_STEP)
+            safe = np.maximum(f_prev / bound_l, min_step)
             step = np.minimum(f / bound_l, cap * rho)
-            step = np.maximum(np.maximum(step, f * inv_l), _MIN_STEP)
+            step = np.maximum(np.maximum(step, f * inv_l), min_step)
             t_new = np.where(bad, t_prev + safe, t + relax * step)
             relax = np.where(bad, 1.0, relax)
             t_prev = np.where(bad, t_prev, t)

@@ -389,7 +389,8 @@ class StarScene:
                 gimg = t_blk.copy()
                 gimg[pix] = guess
                 gimg = gimg.reshape(r1 - r0, W)
-                lo = minimum_filter(gimg, size=5, mode="constant", cval=np.inf).ravel()[bad]
+                # nearer surface than the 3x3 splat minimum would have been splatted itself
+                lo = minimum_filter(gimg, size=3, mode="constant", cval=np.inf).ravel()[bad]
                 # no end bound: past a silhouette the ray may meet surface that no rest pixel
                 # nearby saw (the far side of the head). A ray still undecided after
                 # _FALLBACK_STEPS steps is crawling along a silhouette it never touches.
