@@ -240,18 +240,16 @@ def test_killed_ingest_resumes_to_identical_store(twin, ingested, tmp_path):
                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     killed = False
+    shards = out / "s000" / "t0" / "olat" / "c"
     while p.poll() is None and time.time() - t0 < 120:
-        try:
-            d = zarr.open_group(str(out), mode="r")["s000/t0/done"][...]
-            if 0 < (d == DONE_WRITTEN).sum() < d.size:
-                p.send_signal(signal.SIGKILL)
-                killed = True
-                break
-        except Exception:
-            pass
-        time.sleep(0.05)
+        # kill -9 as soon as the first OLAT shards are on disk: mid-ingest
+        if shards.exists() and any(f.is_file() for f in shards.rglob("*")):
+            p.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
     p.wait()
-    assert killed, "ingest finished before it could be killed"
+    assert killed and p.returncode == -signal.SIGKILL, "ingest finished before it could be killed"
     d = zarr.open_group(str(out), mode="r")["s000/t0/done"][...]
     assert (d == DONE_WRITTEN).sum() < d.size
     r = _cli(cap, "--calibration", cal, "--out", out, "--workers", "0")
