@@ -92,6 +92,7 @@ SHADOW_BIAS = 0.001  # m; constant depth bias of the shadow-map test (plus a slo
 SHADOW_MAP_SIZE = 384  # px per side of a light's shadow map
 MAX_INCREMENTAL_SHIFT = 12.0  # px; larger motions re-render geometry from scratch
 BLOCK_PIXELS = 1 << 18  # pixels per row block (bounds memory on large sensors)
+REST_CACHE_BYTES = 400e6  # rest-pose depth maps kept per scene (LRU beyond this)
 _FALLBACK_STEPS = 300  # march steps for the few pixels the posed-geometry Newton cannot place
 _JUMP = 0.003  # m; a depth step larger than this between neighbours is an occlusion edge
 
@@ -268,6 +269,11 @@ class StarScene:
         t_rest = self._coarse_to_fine(camera, key, np.eye(4))
         band = _edge_band(t_rest)
         self._rest_cache.put(key, (t_rest, band))
+        # bound the cache by bytes too: 40 lsx-331 cameras would otherwise hold ~1.8 GB
+        while len(self._rest_cache) > 1 and sum(
+            a.nbytes + b.nbytes for a, b in self._rest_cache.values()
+        ) > REST_CACHE_BYTES:
+            self._rest_cache.popitem(last=False)
         return t_rest, band
 
     def _coarse_to_fine(self, camera: Camera, key: bytes, Ti: np.ndarray) -> np.ndarray:
