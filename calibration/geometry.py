@@ -415,3 +415,4 @@ def calibrate_rig(pattern: PlanarPattern, detections: dict[str, dict[int, Detect
         m[:3, :3], m[:3, 3] = bR[vidx[v] + 1], bt[vidx[v] + 1]
         boards[v] = m
     return RigGeometry(names, out_K, out_d, out_c2w, boards, rms, nviews, failed)
+
