@@ -192,7 +192,10 @@ def train_prior(data: str | os.PathLike, out: str | os.PathLike, config: Generat
     ds = ImageFolderDataset(data, resolution=cfg.img_resolution)
     G = build_generator(cfg, seed=tc.seed)
     model = AutoDecoder(G, ds.n_subjects, tc.code_init_std, seed=tc.seed + 1)
-    opt_g = torch.optim.Adam(G.parameters(), lr=tc.lr, betas=tc.betas)
+    # The auto-decoder's codes live in W directly: the mapping network takes no part (frozen,
+    # also so DDP sees no unused parameters).
+    G.backbone.mapping.requires_grad_(False)
+    opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas)
     opt_c = torch.optim.Adam([model.codes], lr=tc.lr_codes, betas=tc.betas)
     history: list = []
     if resume:
@@ -210,7 +213,9 @@ def train_prior(data: str | os.PathLike, out: str | os.PathLike, config: Generat
     model.to(dev).train()
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # find_unused_parameters: e.g. the SR noise strengths are unused with EG3D's SR noise 'none'
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                        find_unused_parameters=True)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])  # decoded once, [N,3,R,R]
     labels = torch.from_numpy(ds.labels)
     subjects = torch.from_numpy(ds.subjects)
