@@ -83,10 +83,11 @@ def _Rate():
               help="Prior latents to train on: the mapping network (GAN priors), the auto-decoder "
                    "codes in train_state.safetensors beside the prior (`ls-train prior`), or auto.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing encoder in --out.")
 def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh, twin_subjects,
          twin_views, twin_every, eval_subjects, plane_residual, display_operator, exposure_ev,
-         latents, seed, overwrite):
+         latents, seed, threads, overwrite):
     """Train the portrait encoder for the prior PRIOR on its own samples (and twin renders)."""
     import numpy as np
     import torch
@@ -101,6 +102,8 @@ def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh,
                                      sample_prior_batch, train_encoder)
 
     console = Console(stderr=True)
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(out_dir)
     if (out / "encoder.json").exists() and not overwrite:
         raise click.ClickException(f"{out / 'encoder.json'} exists; refusing to overwrite (pass --overwrite)")

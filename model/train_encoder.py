@@ -287,7 +287,8 @@ def train_encoder(G, cfg: EncoderTrainConfig, enc_cfg: EncoderConfig | None = No
     encoder : continue from this encoder instead of a fresh one.
     twin : optional (images [N,3,R,R] generator domain, labels [N,25]) twin renders; used when
         ``cfg.twin_every`` > 0.
-    progress : called as ``progress(step, steps, metrics)`` after every step.
+    progress : called as ``progress(step, steps, metrics)`` after every step (and with step 0
+        and ``{'pool': n}`` while the sample pool is being rendered).
     sampler : where prior latents come from (default: the mapping network).
 
     Returns
@@ -306,8 +307,11 @@ def train_encoder(G, cfg: EncoderTrainConfig, enc_cfg: EncoderConfig | None = No
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
 
     # Pool of rendered prior samples, filled in chunks (rendering is the expensive part).
-    chunks = [sample_prior_batch(G, min(32, cfg.pool_size - k), gen, rng, cfg, sampler)
-              for k in range(0, cfg.pool_size, 32)]
+    chunks = []
+    for k in range(0, cfg.pool_size, 32):
+        chunks.append(sample_prior_batch(G, min(32, cfg.pool_size - k), gen, rng, cfg, sampler))
+        if progress:  # step 0: still rendering the pool
+            progress(0, cfg.steps, {"pool": float(min(k + 32, cfg.pool_size))})
     pool_img = torch.cat([c[0] for c in chunks])
     pool_c = torch.cat([c[1] for c in chunks])
     pool_ws = torch.cat([c[2] for c in chunks])
