@@ -60,6 +60,7 @@ __all__ = [
     "save_reflectance",
     "load_reflectance",
     "tonemap_display",
+    "tracking_views",
 ]
 
 CKPT_FORMAT = "lightstage-reflectance"
@@ -279,7 +280,9 @@ class ReflectanceTrainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        self.net = ReflectanceNet(net_cfg).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the same seed gives the same initial network
+            self.net = ReflectanceNet(net_cfg).to(self.device)
         self.opt = self._make_opt(self.net)
         self.step = 0
         self.history: list[dict] = []
@@ -434,3 +437,49 @@ class ReflectanceTrainer:
             if stop_after is not None and n >= stop_after:
                 break
         return self.history
+
+
+def tracking_views(take, resolution: int):
+    """Fully lit views of a take for latent fitting: (images [C, 3, r, r] display-referred in
+    [-1, 1], labels [C, 25], exposure EV used).
+
+    Each camera's middle tracking frame is centre-cropped to a square (intrinsics shifted to
+    match), tone mapped for display with ONE exposure for the whole take (auto exposure on the
+    foreground of all cameras; reported, not hidden) and resized to the prior's image size. The
+    prior is display-referred (a GAN trained on tone-mapped images), so fitting needs this
+    display transform; everything downstream stays linear.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lightstage.camera import eg3d_label
+    from lightstage.tonemap import auto_exposure, to_display
+    from model.olat_data import head_cameras
+
+    cams = head_cameras(take)
+    g = take.group
+    n_track = g["tracking"].shape[1]
+    lin, masks, labels = [], [], []
+    for c, hc in enumerate(cams):
+        img = take.tracking(c)[n_track // 2].transpose(1, 2, 0)  # (H, W, 3)
+        m = take.mask(c)
+        H, W = img.shape[:2]
+        s = min(H, W)
+        y0, x0 = (H - s) // 2, (W - s) // 2
+        lin.append(img[y0:y0 + s, x0:x0 + s])
+        masks.append(m[y0:y0 + s, x0:x0 + s])
+        K = hc.K_norm.copy()
+        # back to pixels, shift by the crop, renormalise by the square size
+        K[0] = K[0] * W
+        K[1] = K[1] * H
+        K[0, 2] -= x0
+        K[1, 2] -= y0
+        K[:2] /= s
+        labels.append(eg3d_label(hc.cam2world, K))
+    ev = auto_exposure(np.concatenate([x.reshape(-1, 3) for x in lin])[None],
+                       np.concatenate([m.reshape(-1) for m in masks])[None])
+    disp = [to_display(x, "aces", ev).astype(np.float32) / 127.5 - 1 for x in lin]
+    imgs = torch.from_numpy(np.stack(disp)).permute(0, 3, 1, 2)
+    imgs = F.interpolate(imgs, size=(resolution, resolution), mode="area" if imgs.shape[-1] > resolution else "bilinear")
+    return imgs, torch.from_numpy(np.stack(labels)), ev
