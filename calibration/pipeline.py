@@ -31,8 +31,8 @@ from lightstage.calibfile import Calibration, CameraCalibration, LightCalibratio
 from lightstage.twin.targets import BoardSpec, ChartSpec, colorchecker_reference
 
 from .colour import (ChartNotFound, ColourFit, chart_from_corners, cross_camera_spread,
-                     delta_e2000, detect_chart, fit_colour, illumination_flatten,
-                     sample_patches, scale_to_radiance)
+                     detect_chart, fit_colour, illumination_flatten, sample_patches,
+                     scale_to_radiance)
 from .geometry import GeometryError, RigGeometry, calibrate_rig, charuco_pattern
 from .lights import (CameraModel, LightError, diffuse_irradiance, find_highlight, fit_sphere,
                      light_positions, mirror_ray, silhouette_edges)
