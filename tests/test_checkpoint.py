@@ -252,6 +252,10 @@ def test_checkpoint_refuses_overwrite_and_reports_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="exists"):
         save_checkpoint(tmp_path / "g", build_generator("tiny", seed=1), G.cfg)
     assert checkpoint_paths(tmp_path / "g")[0].read_bytes() == before
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in checkpoint_paths(tmp_path / "g"):
+        assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)  # not mkstemp's private 0600
     G2 = load_generator(tmp_path / "g.safetensors")
     for (k, a), (k2, b) in zip(G.state_dict().items(), G2.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
