@@ -118,11 +118,12 @@ def _candidate_quads(grey: np.ndarray, min_side: float, max_side: float):
             sides = np.linalg.norm(q - np.roll(q, 1, 0), axis=1)
             if sides.max() > 2.5 * sides.min():
                 continue
-            # a patch is uniform: reject textured blobs
-            m = np.zeros_like(grey)
-            cv2.fillConvexPoly(m, approx.reshape(4, 2), 1)
+            # a patch is uniform: reject textured blobs (mask over the quad's box only)
+            x0, y0, bw, bh = cv2.boundingRect(approx)
+            m = np.zeros((bh, bw), np.uint8)
+            cv2.fillConvexPoly(m, approx.reshape(4, 2) - [x0, y0], 1)
             m = cv2.erode(m, np.ones((3, 3), np.uint8))
-            vals = grey[m > 0]
+            vals = grey[y0:y0 + bh, x0:x0 + bw][m > 0]
             if vals.size < 4 or vals.std() > 12:
                 continue
             quads.append((q.mean(0), q, area))
