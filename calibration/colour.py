@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -417,7 +418,9 @@ def cross_camera_spread(corrected: dict[str, np.ndarray]) -> dict[str, float]:
     if len(names) < 2:
         return {"delta_e2000_mean": 0.0, "delta_e2000_max": 0.0, "cameras": len(names)}
     stack = np.stack([corrected[n] for n in names])
-    mean = np.nanmean(stack, axis=0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a patch clipped in every camera
+        mean = np.nanmean(stack, axis=0)
     de = np.stack([delta_e2000(s, mean) for s in stack])
     return {"delta_e2000_mean": float(np.nanmean(de)), "delta_e2000_max": float(np.nanmax(de)),
             "cameras": len(names)}
