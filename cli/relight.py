@@ -16,9 +16,14 @@ setting used (exposure included: ``--exposure auto`` is computed, reported and r
 silent). An existing output is never replaced without ``--overwrite``; other files in ``--out``
 are never touched.
 
-The optional PORTRAIT argument is the single-image path (the model synthesises the OLATs);
-until the model package provides ``model.relight_model.portrait_source`` it stops with a clear
-error.
+The optional PORTRAIT argument is the single-image path (``model.portrait``: face crop and
+pose, inversion into the prior, the reflectance network's basis images, OLATs for the model's
+lights, relit with the same weights). It also writes the aligned crop, the prior's
+reconstruction, an OLAT contact sheet, ``--views`` novel views and an ``index.html`` showing
+them side by side; ``--model DIR`` picks another model than the bundled one, ``--refine N``
+adds latent optimisation steps.
+
+    ls-relight portrait.jpg --env sun-sky --turntable 24 --views -30 --views 30 --out relit/
 Exit status: 0 success, 2 bad arguments or inputs.
 """
 
@@ -41,7 +46,7 @@ __all__ = ["main", "open_portrait_source", "PORTRAIT_BACKEND"]
 
 #: module that, once the model is installed, provides ``portrait_source(path, **options) ->
 #: lightstage.relight.OlatSource`` (OLATs synthesised for any light directions)
-PORTRAIT_BACKEND = "model.relight_model"
+PORTRAIT_BACKEND = "model.portrait"
 
 
 class _Rate(ProgressColumn):
@@ -70,7 +75,10 @@ def open_portrait_source(portrait: str, **options):
             f"{portrait}: portrait relighting needs the model: not yet installed "
             f"({PORTRAIT_BACKEND}.portrait_source unavailable: {type(e).__name__}); relight a "
             "captured subject with --store/--subject instead") from None
-    return factory(portrait, **options)
+    try:
+        return factory(portrait, **options)
+    except (ValueError, RuntimeError, OSError) as e:  # the model's errors name the file and reason
+        raise click.ClickException(str(e)) from None
 
 
 def _parse_axis(text: str) -> tuple[float, float, float]:
@@ -173,9 +181,15 @@ def _strip(frames: list[np.ndarray], max_frames: int = 8, height: int = 256) -> 
 @click.option("--out", "-o", type=click.Path(), default=None, help="output folder")
 @click.option("--overwrite", is_flag=True, help="replace this command's earlier outputs in --out")
 @click.option("--list-envs", is_flag=True, help="list the built-in environments and exit")
+@click.option("--views", type=float, multiple=True,
+              help="PORTRAIT: also render this novel view (yaw in degrees; repeat the option)")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="PORTRAIT: model folder (default: the bundled model)")
+@click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
+              help="PORTRAIT: latent optimisation steps after the encoder")
 def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_exposure, rotate,
          turntable, axis, camera, crop, method, uncovered, coverage_angle, exposure, tonemap, video, fps, half, cache_dir,
-         max_memory, allow_incomplete, out, overwrite, list_envs):
+         max_memory, allow_incomplete, out, overwrite, list_envs, views, model_dir, refine):
     """Relight a captured subject from an OLAT store (or a PORTRAIT, with the model) under an
     HDR environment map."""
     from lightstage import envmap as E
@@ -217,6 +231,8 @@ def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_e
     n_frames = turntable or 1
     mp4 = mp4_available()
     targets = _outputs(out_dir, n_frames, video, mp4)
+    if portrait:
+        targets.append(out_dir / "index.html")
     clash = [p for p in targets if p.exists()]
     if clash and not overwrite:
         raise click.UsageError(f"--out {out_dir}: would replace {len(clash)} existing file(s) "
@@ -231,7 +247,9 @@ def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_e
     if env_exposure:
         env = E.exposure(env, env_exposure)
     if portrait:
-        source = open_portrait_source(portrait, camera=camera)
+        with console.status("lifting the portrait into the model (face, inversion, basis)"):
+            source = open_portrait_source(portrait, camera=camera, model=model_dir, refine=refine,
+                                          views=views)
     else:
         try:
             tk = open_take(store, subject, take)
@@ -323,6 +341,12 @@ def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_e
                     console.print("[yellow]no offline MP4 writer here: wrote the GIF only[/yellow]")
     except ImageIOError as e:
         raise click.ClickException(str(e)) from None
+    extra = []
+    if portrait:
+        from model.portrait import write_portrait_report
+
+        rel = [p.name for p in targets if p.exists() and p.name in ("relit.png", "strip.png", "turntable.gif")]
+        extra = write_portrait_report(source, out_dir, weights[0], tonemap, ev, rel, str(env_spec))
     report = {
         "source": source.name,
         "environment": str(env_spec),
@@ -346,8 +370,12 @@ def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_e
                          "max": float(max(f.max() for f in frames_lin)),
                          "mean_frame0": float(frames_lin[0].mean())},
         "seconds": {"weights": t_weights, "relight": t_relight},
-        "files": sorted(p.name for p in targets if p.exists() or p.name == "relight.json"),
+        "files": sorted({p.name for p in targets if p.exists() or p.name == "relight.json"} | set(extra)),
     }
+    if portrait:
+        report["portrait"] = {"views": list(source.views), "camera": source.camera,
+                              "reconstruction_psnr_db": source.recon_psnr, "refine_steps": refine,
+                              "model": str(source.bundle.path), "seconds": source.timings}
     (out_dir / "relight.json").write_text(json.dumps(report, indent=1) + "\n")
     console.print(f"wrote {n_frames} frame(s) to {out_dir} (display: {tonemap}, {ev:+.2f} EV; "
                   f"weights {1e3 * t_weights:.0f} ms, relight {t_relight:.2f} s)")
