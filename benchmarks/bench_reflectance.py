@@ -9,6 +9,11 @@
    128^2, float16, streamed without the in-memory cache) against the rate one training step
    consumes items (``ls-train reflectance`` defaults: 2 items x 512 rays x 4 lights, prior
    geometry of the tiny prior). Goal: loader >= 3x the consumption rate.
+
+Quality numbers (minutes, not part of ``run_all``): train both heads on a twin capture with
+``ls-train reflectance`` and measure OLAT / environment-relit PSNR::
+
+    python -m benchmarks.bench_reflectance --quality CAPTURE_DIR PRIOR_DIR OUT_DIR [STEPS]
 """
 
 from __future__ import annotations
@@ -121,7 +126,120 @@ def main(quick: bool = False) -> list[dict]:
     return _relight_bench(quick) + _loader_bench(quick)
 
 
-if __name__ == "__main__":
+
+
+# ---- quality numbers on a twin capture (minutes; not part of run_all) --------------------------
+
+
+def merge_truth_stores(capture: Path, out: Path) -> Path:
+    """Copy every ``<capture>/<subject>/<take>/truth/truth.zarr`` take into one store ``out``."""
+    import zarr
+
+    from lightstage.store import create_take, list_takes
+
+    for tz in sorted(Path(capture).glob("*/*/truth/truth.zarr")):
+        for s, t in list_takes(tz):
+            src = zarr.open_group(str(tz), mode="r")[f"{s}/{t}"]
+            C, L, _, H, W = src["olat"].shape
+            a = dict(src.attrs)
+            g = create_take(out, s, t, cameras=a.pop("cameras"), n_lights=L, n_tracking=src["tracking"].shape[1],
+                            height=H, width=W, attrs=a, dtype=str(src["olat"].dtype), scale=a.pop("scale"),
+                            overwrite=True)
+            for name in ("olat", "tracking", "mask", "valid", "done"):
+                g[name][...] = src[name][...]
+    return out
+
+
+def quality(capture: str, prior: str, out: str, steps: int = 300, fit_steps: int = 50) -> list[dict]:
+    """Train both heads with ``ls-train reflectance`` on a twin capture, then measure OLAT PSNR on
+    held-out lights and subjects, environment-relit PSNR against the twin's truth
+    (``sum_i E_i OLAT_i`` of the noise-free truth OLATs) and the time per environment relight."""
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from cli.train_reflectance import reflectance as cli_cmd
+    from lightstage.envmap import builtin_environment
+    from model.checkpoint import load_generator
+    from model.olat_data import OlatDataset, make_splits
+    from model.relight_model import PriorGeometry, light_weights, olat_rays
+    from model.train_reflectance import load_reflectance, psnr
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "twin.zarr"
+    if not store.exists():
+        merge_truth_stores(Path(capture), store)
+    rows = []
+    for head in ("basis", "concat"):
+        run = out / f"run_{head}"
+        if head == "concat" and (out / "run_basis" / "latents.safetensors").exists() and not run.exists():
+            run.mkdir()
+            for f in ("latents.safetensors", "latents.json"):  # the same fitted latents for both heads
+                shutil.copy(out / "run_basis" / f, run / f)
+        args = ["--store", store, "--prior", prior, "--out", run, "--head", head, "--steps", steps,
+                "--fit-steps", fit_steps, "--val-every", steps, "--ckpt-every", 100, "--threads", 1]
+        if (run / "reflectance.json").exists():
+            args.append("--resume")
+        t0 = time.perf_counter()
+        r = CliRunner().invoke(cli_cmd, list(map(str, args)), catch_exceptions=False)
+        if r.exit_code:
+            raise RuntimeError(r.output)
+        train_s = time.perf_counter() - t0
+        net, doc, _ = load_reflectance(run)
+        net.eval()
+        G = load_generator(doc["prior"])
+        lat = load_file(str(run / "latents.safetensors"))
+        sp = make_splits(store, 0.15, 1, seed=0)
+        row = {"name": f"{head}: quality on twin", "head": head, "steps": doc["step"], "train_s": train_s}
+        sets = {"heldout_lights": OlatDataset(store, sp.train_takes, sp.val_lights),
+                "heldout_subjects": OlatDataset(store, sp.val_takes, None)}
+        for name, ds in sets.items():
+            geo = PriorGeometry(G, [lat[n] for n in ds.names], max_samples=12)
+            P, T, M = [], [], []
+            for ti in range(len(ds.takes)):
+                for cam in range(len(ds.takes[ti].cameras)):
+                    it = ds.full_image(ti, cam, ds.lights[:8])
+                    P.append(olat_rays(net, geo, ti, it["origins"], it["dirs"], it["light_dirs"]).numpy())
+                    T.append(it["target"].numpy())
+                    M.append(np.broadcast_to(it["mask"].numpy()[None, :, None] > 0, P[-1].shape))
+            row[f"{name}_olat_psnr"] = psnr(np.concatenate(P), np.concatenate(T), np.concatenate(M))
+        # environment relight of every subject (train and held out), every camera
+        all_ds = OlatDataset(store)
+        geo = PriorGeometry(G, [lat[n] for n in all_ds.names], max_samples=12)
+        for env_name in ("studio", "sunset"):
+            env = builtin_environment(env_name, height=64)
+            P, T, M, times = [], [], [], []
+            for ti, tk in enumerate(all_ds.takes):
+                E = light_weights(env, tk.light_directions)  # world frame, the stage's lights
+                Et = torch.from_numpy(E).float()
+                for cam in range(len(tk.cameras)):
+                    truth = np.einsum("lc,lchw->hwc", E, tk.olat(cam)).reshape(-1, 3)
+                    o, d = all_ds.rays(ti, cam)
+                    tm: list = []
+                    pred = relight_rays(net, geo, ti, torch.from_numpy(np.broadcast_to(o, (d.shape[0] * d.shape[1], 3)).copy()),
+                                        torch.from_numpy(d.reshape(-1, 3)), torch.from_numpy(all_ds.light_dirs(ti)), Et,
+                                        timing=tm)
+                    times.append(tm[0].geometry_s + tm[0].network_s)
+                    P.append(pred.numpy())
+                    T.append(truth)
+                    M.append(np.broadcast_to(all_ds.mask(ti, cam)[0].reshape(-1, 1), truth.shape))
+            row[f"env_{env_name}_psnr"] = psnr(np.concatenate(P), np.concatenate(T), np.concatenate(M))
+            row["relight_s_per_view"] = float(np.median(times))
+        print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__" and "--quality" in __import__("sys").argv:
+    import sys
+
+    i = sys.argv.index("--quality")
+    cap, pri, o = sys.argv[i + 1:i + 4]
+    st = int(sys.argv[i + 4]) if len(sys.argv) > i + 4 else 300
+    quality(cap, pri, o, steps=st)
+elif __name__ == "__main__":
     import sys
 
     for r in main(quick="--quick" in sys.argv):
