@@ -174,7 +174,9 @@ def apply_colour(rgb: np.ndarray, cal: CameraCalibration) -> np.ndarray:
 
     ``matrix-3x3``: ``out = M @ rgb``. ``root-polynomial-<d>``: Finlayson et al. (2015) root
     polynomial terms of degree d (colour-science's term order) times ``colour_terms`` (N x 3),
-    which is homogeneous of degree one, hence exposure invariant.
+    which is homogeneous of degree one, hence exposure invariant. As ls-calibrate writes it,
+    ``colour_terms`` may hold only the (N - 3, 3) extra-term rows, the linear part being
+    ``colour_matrix``: ``out = M @ rgb + colour_terms.T @ [sqrt(RG), sqrt(GB), sqrt(RB)]``.
 
     References
     ----------
@@ -199,6 +201,10 @@ def apply_colour(rgb: np.ndarray, cal: CameraCalibration) -> np.ndarray:
         _, H, W = rgb.shape
         flat = np.clip(rgb.reshape(3, -1).T.astype(np.float64), 0, None)
         ex = polynomial_expansion_Finlayson2015(flat, degree, root_polynomial_expansion=True)
+        if T.shape == (ex.shape[1] - 3, 3):
+            # calibfile convention (ls-calibrate): colour_matrix holds the linear part and
+            # colour_terms only the (k, 3) coefficients of the extra root terms
+            T = np.vstack([np.asarray(cal.colour_matrix, np.float64).T, T])
         if T.shape != (ex.shape[1], 3):
             if T.shape == (3, ex.shape[1]):
                 T = T.T

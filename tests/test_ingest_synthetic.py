@@ -261,3 +261,26 @@ def test_bad_tracking_frame_then_fixed_gives_the_clean_store(capture, store, tmp
     rep = ingest(cap, cal, out)
     assert rep.ok and rep.written == 3  # camera 1's OLATs redone with both tracking frames
     _same(out, store, provenance=False)
+
+
+def test_root_polynomial_calibration_as_ls_calibrate_writes_it():
+    """ingest applies a root-polynomial calibration in calibration.colour's convention."""
+    import numpy as np
+
+    from lightstage.calibfile import CameraCalibration
+    from lightstage.ingest import apply_colour
+
+    rng = np.random.default_rng(0)
+    M = np.eye(3) + rng.normal(0, 0.1, (3, 3))
+    terms = rng.normal(0, 0.05, (3, 3))
+    cal = CameraCalibration(K=np.eye(3), distortion=np.zeros(5), cam2world=np.eye(4),
+                            image_size=(4, 5), colour_matrix=M, colour_method="root-polynomial-2",
+                            colour_terms=terms)
+    rgb = rng.uniform(0.1, 1.0, (3, 4, 5)).astype(np.float32)
+    got = apply_colour(rgb, cal)
+    r, g, b = rgb.astype(np.float64)
+    extra = np.stack([np.sqrt(r * g), np.sqrt(g * b), np.sqrt(r * b)])
+    want = np.einsum("ij,jhw->ihw", M, rgb) + np.einsum("ki,khw->ihw", terms, extra)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # homogeneous of degree one: doubling the exposure doubles the output
+    np.testing.assert_allclose(apply_colour(2 * rgb, cal), 2 * got, rtol=1e-5, atol=1e-6)
