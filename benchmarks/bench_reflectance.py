@@ -197,14 +197,18 @@ def quality(capture: str, prior: str, out: str, steps: int = 300, fit_steps: int
                 "heldout_subjects": OlatDataset(store, sp.val_takes, None)}
         for name, ds in sets.items():
             geo = PriorGeometry(G, [lat[n] for n in ds.names], max_samples=12)
-            P, T, M = [], [], []
+            P, T, M, B = [], [], [], []
             for ti in range(len(ds.takes)):
                 for cam in range(len(ds.takes[ti].cameras)):
                     it = ds.full_image(ti, cam, ds.lights[:8])
                     P.append(olat_rays(net, geo, ti, it["origins"], it["dirs"], it["light_dirs"]).numpy())
                     T.append(it["target"].numpy())
                     M.append(np.broadcast_to(it["mask"].numpy()[None, :, None] > 0, P[-1].shape))
+                    # baseline ignoring the light: mean OLAT over the training lights, same view
+                    mean = np.mean([ds.image(ti, cam, int(l)) for l in sp.train_lights], 0)
+                    B.append(np.broadcast_to(mean.reshape(3, -1).T[None], P[-1].shape))
             row[f"{name}_olat_psnr"] = psnr(np.concatenate(P), np.concatenate(T), np.concatenate(M))
+            row[f"{name}_mean_olat_psnr"] = psnr(np.concatenate(B), np.concatenate(T), np.concatenate(M))
         # environment relight of every subject (train and held out), every camera
         all_ds = OlatDataset(store)
         geo = PriorGeometry(G, [lat[n] for n in all_ds.names], max_samples=12)
@@ -221,12 +225,13 @@ def quality(capture: str, prior: str, out: str, steps: int = 300, fit_steps: int
                     pred = relight_rays(net, geo, ti, torch.from_numpy(np.broadcast_to(o, (d.shape[0] * d.shape[1], 3)).copy()),
                                         torch.from_numpy(d.reshape(-1, 3)), torch.from_numpy(all_ds.light_dirs(ti)), Et,
                                         timing=tm)
-                    times.append(tm[0].geometry_s + tm[0].network_s)
+                    times.append((tm[0].geometry_s, tm[0].network_s))
                     P.append(pred.numpy())
                     T.append(truth)
                     M.append(np.broadcast_to(all_ds.mask(ti, cam)[0].reshape(-1, 1), truth.shape))
             row[f"env_{env_name}_psnr"] = psnr(np.concatenate(P), np.concatenate(T), np.concatenate(M))
-            row["relight_s_per_view"] = float(np.median(times))
+            row["relight_geometry_s_per_view"] = float(np.median([t[0] for t in times]))
+            row["relight_network_s_per_view"] = float(np.median([t[1] for t in times]))
         print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append(row)
     return rows
