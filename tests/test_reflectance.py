@@ -343,3 +343,26 @@ def test_bad_stores_refused(tmp_path):
     del g.attrs["world2head"]
     with pytest.raises(StoreError, match="world2head"):
         validate_takes([open_take(p2)])
+
+
+@pytest.mark.parametrize("head", ["basis", "concat"])
+def test_relight_rays_matches_light_by_light_olats_on_store_rays(store, head):
+    from model.relight_model import DensityGeometry, light_weights, olat_rays, relight_rays
+
+    ds = OlatDataset(store)
+    torch.manual_seed(1)
+    net = ReflectanceNet(ReflectanceConfig.tiny(head=head, plane_channels=8, n_basis=5)).eval()
+    geo = DensityGeometry([torch.randn(1, 3, 8, 16, 16)] * 2, head_density, 1.6, 2.4, 64, 6)
+    o, d = ds.rays(0, 1)
+    origins = torch.from_numpy(np.broadcast_to(o, (32 * 32, 3)).copy())
+    dirs = torch.from_numpy(d.reshape(-1, 3))
+    # a uniform environment of radiance 1 gives weights summing to 4 pi (the store convention)
+    E = light_weights(np.ones((16, 32, 3)), ds.takes[0].light_directions)
+    assert abs(E.sum(0)[0] - 4 * math.pi) < 1e-6
+    Et = torch.from_numpy(E).float()
+    ld = torch.from_numpy(ds.light_dirs(0))
+    timing = []
+    one = relight_rays(net, geo, 0, origins, dirs, ld, Et, chunk=300, light_chunk=5, timing=timing)
+    ref = torch.einsum("lrc,lc->rc", olat_rays(net, geo, 0, origins, dirs, ld, chunk=500), Et)
+    torch.testing.assert_close(one, ref, rtol=1e-4, atol=1e-7)
+    assert timing[0].network_s > 0 and one.abs().max() > 0
