@@ -45,7 +45,6 @@ __all__ = [
     "plane_axes",
     "project_onto_planes",
     "sample_from_planes",
-    "bilinear_zeros",
     "ray_sampler",
     "sample_stratified",
     "sample_pdf",
@@ -142,36 +141,11 @@ def sample_from_planes(planes: torch.Tensor, coords: torch.Tensor, box_warp: flo
     B, n, C, H, W = planes.shape
     M = coords.shape[1]
     proj = project_onto_planes(plane_axes(mode, coords.device), coords * (2.0 / box_warp))
-    return bilinear_zeros(planes.reshape(B * n, C, H, W), proj.reshape(B * n, M, 2)).reshape(B, n, M, C)
-
-
-def bilinear_zeros(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``grid_sample(img, grid, 'bilinear', padding_mode='zeros', align_corners=False)`` as gathers.
-
-    img [N, C, H, W], grid [N, M, 2] (x indexes W, y indexes H, in [-1, 1]) -> [N, M, C].
-    Same values as grid_sample; written with row gathers (``index_select``) because
-    grid_sample's CPU backward is several times slower than index_add.
-    """
-    N, C, H, W = img.shape
-    M = grid.shape[1]
-    x = ((grid[..., 0] + 1) * W - 1) / 2  # pixel coordinates, texel centres at integers
-    y = ((grid[..., 1] + 1) * H - 1) / 2
-    x0 = torch.floor(x)
-    y0 = torch.floor(y)
-    fx = (x - x0).to(img.dtype).unsqueeze(-1)
-    fy = (y - y0).to(img.dtype).unsqueeze(-1)
-    x0 = x0.long()
-    y0 = y0.long()
-    flat = img.permute(0, 2, 3, 1).reshape(N * H * W, C)
-    base = (torch.arange(N, device=img.device) * (H * W)).reshape(N, 1)
-    out = 0
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            xi, yi = x0 + dx, y0 + dy
-            ok = ((xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)).unsqueeze(-1).to(img.dtype)
-            idx = (base + yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).reshape(-1)
-            out = out + flat.index_select(0, idx).reshape(N, M, C) * (wx * wy * ok)
-    return out
+    grid = proj.reshape(B * n, 1, M, 2)
+    # (A gather-based bilinear lookup was tried: same values, ~1.2x slower per CPU training step.)
+    out = F.grid_sample(planes.reshape(B * n, C, H, W), grid.to(planes.dtype), mode="bilinear",
+                        padding_mode="zeros", align_corners=False)  # [B*3, C, 1, M]
+    return out.permute(0, 3, 2, 1).reshape(B, n, M, C)
 
 
 def ray_sampler(cam2world: torch.Tensor, intrinsics: torch.Tensor, resolution: int):
