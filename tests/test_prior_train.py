@@ -94,19 +94,18 @@ def test_image_folder_dataset_and_errors(twin_set, tmp_path):
 def test_train_resume_is_exact_and_refuses_existing(twin_set, tmp_path):
     out, _ = twin_set
     cfg = get_config("tiny", **SMALL)
-    tc4 = TrainConfig(steps=4, batch=2, ckpt_every=2)
-    straight = train_prior(out, tmp_path / "a", cfg, tc4)
-    assert straight.step == 4
+    tc3 = TrainConfig(steps=3, batch=2, ckpt_every=2)
+    straight = train_prior(out, tmp_path / "a", cfg, tc3)
+    assert straight.step == 3
     train_prior(out, tmp_path / "b", cfg, TrainConfig(steps=2, batch=2, ckpt_every=2))
-    resumed = train_prior(out, tmp_path / "b", cfg, tc4, resume=True)
-    assert resumed.step == 4 and len(resumed.history) == 4
+    resumed = train_prior(out, tmp_path / "b", cfg, tc3, resume=True)
+    assert resumed.step == 3 and len(resumed.history) == 3
     a = load_checkpoint(tmp_path / "a" / "prior").state_dict
     b = load_checkpoint(tmp_path / "b" / "prior").state_dict
     for k in a:
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(Exception, match="resume"):
-        train_prior(out, tmp_path / "a", cfg, tc4)
-    # losses went down from the first steps (learning happens)
+        train_prior(out, tmp_path / "a", cfg, tc3)
     G = load_generator(tmp_path / "a" / "prior")
     assert G.cfg.img_resolution == 32
 
@@ -145,7 +144,7 @@ def test_fitting_recovers_a_known_latent_better_than_mean_face():
     with torch.no_grad():
         target = G.synthesis(w_true.repeat(5, 1, 1), labels, noise_mode="const", deterministic=True)["image"]
     before = [p.detach().clone() for p in G.parameters()]
-    fit = fit_latent(G, target[:4], labels[:4], FitConfig(steps=25, lr=0.05, w_plus=False))
+    fit = fit_latent(G, target[:4], labels[:4], FitConfig(steps=20, lr=0.05, w_plus=False))
     assert fit.losses[-1] < fit.losses[0]
     for p, q in zip(before, G.parameters()):
         assert torch.equal(p, q) and q.requires_grad  # generator untouched, flags restored
