@@ -228,10 +228,10 @@ def train_prior(data: str | os.PathLike, out: str | os.PathLike, config: Generat
         codes = model.codes.detach().cpu()
         meta = {"objective": "multi-view auto-decoder (L1 image + raw)", "step": step,
                 "train": asdict(tc), "data": str(Path(data)), "n_subjects": ds.n_subjects,
-                "code_mean_norm": float(codes.mean(0).norm()), "code_std": float(codes.std(0).mean())}
+                "code_mean_norm": float(codes.mean(0).norm()), "code_std": float(codes.std(0, correction=0).mean())}
         save_checkpoint(out / "prior", G, cfg, meta=meta, overwrite=True)
         tensors = {"codes": codes.contiguous().clone(), "code_mean": codes.mean(0).contiguous(),
-                   "code_std": codes.std(0).contiguous()}
+                   "code_std": codes.std(0, correction=0).contiguous()}
         smeta = {"step": step, "history": history[-2000:], "final": final}
         _flatten_opt(opt_g.state_dict(), "opt_g", tensors, smeta)
         _flatten_opt(opt_c.state_dict(), "opt_c", tensors, smeta)
