@@ -16,6 +16,7 @@ is kept; ``--resume`` continues to the same step count).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -133,8 +134,10 @@ def reflectance(store, prior_path, out, head, steps, batch, rays, lights_per_ite
                 latents[names[i]] = res.ws[0].detach().cpu().contiguous()
                 lat_meta[names[i]] = {"exposure_ev": ev, "fit_steps": fit_steps,
                                       "final_loss": res.losses[-1] if res.losses else None}
-                save_file(latents, str(lat_path))
-                (out / "latents.json").write_text(json.dumps(lat_meta, indent=1) + "\n")
+                if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fits the
+                    # same (deterministic) latents; only rank 0 writes them
+                    save_file(latents, str(lat_path))
+                    (out / "latents.json").write_text(json.dumps(lat_meta, indent=1) + "\n")
                 if not fit_steps:
                     prog.update(task, advance=1)
 
