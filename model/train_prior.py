@@ -206,8 +206,12 @@ def train_prior(data: str | os.PathLike, out: str | os.PathLike, config: Generat
             raise CheckpointError(f"{spath}: codes {tuple(st['codes'].shape)} do not fit the dataset "
                                   f"({ds.n_subjects} subjects, w_dim {cfg.w_dim})")
         model.codes.data.copy_(st["codes"])
-        opt_g.load_state_dict(_unflatten_opt("opt_g", st, meta))
-        opt_c.load_state_dict(_unflatten_opt("opt_c", st, meta))
+        try:
+            opt_g.load_state_dict(_unflatten_opt("opt_g", st, meta))
+            opt_c.load_state_dict(_unflatten_opt("opt_c", st, meta))
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{sjpath}: optimiser state does not fit this trainer ({e}); "
+                                  "start again with overwrite=True") from e
         step = int(meta["step"])
         history = list(meta.get("history", []))
     model.to(dev).train()
