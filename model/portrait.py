@@ -359,7 +359,8 @@ def twin_evaluation(bundle, seeds, envs: dict[str, np.ndarray], novel_yaw: float
     model inverts it and relights it under each environment in ``envs`` (equirect maps); the
     truth is the twin rendered under the same environment, sampled as ``n_truth_lights``
     distant lights with ``lightstage.relight`` weights (cast shadows on). Baseline: the unrelit
-    input scaled per channel to the truth's mean. Also the novel view at ``novel_yaw`` and the
+    input scaled per channel to the truth's mean (an oracle exposure); ``*_model_matched_psnr``
+    gives the model's output the same oracle scaling, ``*_model_psnr`` is its absolute output. Also the novel view at ``novel_yaw`` and the
     encoder's reconstruction PSNR against the mean-latent baseline. PSNR: head mask of the
     twin, peak = truth max (``model.train_reflectance.psnr``'s definition).
 
@@ -419,6 +420,9 @@ def twin_evaluation(bundle, seeds, envs: dict[str, np.ndarray], novel_yaw: float
                 scale = truth.reshape(-1, 3).mean(0) / np.maximum(inp.reshape(-1, 3).mean(0), 1e-12)
                 row[f"{name}_{view}_model_psnr"] = ps(pred, truth, m)
                 row[f"{name}_{view}_baseline_psnr"] = ps(inp * scale, truth, m)
+                # the baseline gets the truth's mean (an oracle exposure); the same oracle for the model
+                ms = truth.reshape(-1, 3).mean(0) / np.maximum(pred.reshape(-1, 3).mean(0), 1e-12)
+                row[f"{name}_{view}_model_matched_psnr"] = ps(pred * ms, truth, m)
                 if ei == 0:
                     ims.update({f"truth_{view}": truth, f"relit_{view}": pred, f"baseline_{view}": inp * scale})
         if keep_images:

@@ -215,18 +215,21 @@ def test_olats_superpose_to_relight(bundle):
 
 
 def test_held_out_twin_relight_beats_scaled_input(bundle):
-    """The bundled model relights a held-out twin subject from one image better than the
-    unrelit input scaled to the truth's mean (studio and sun-sky environments)."""
+    """The bundled model relights held-out twin subjects from one image better than the unrelit
+    input scaled to the truth's mean (studio and sun-sky; same view and a novel view). The
+    baseline gets the truth's per-channel mean (an oracle exposure), so the model's output gets
+    the same oracle scaling here (``*_model_matched_psnr``): the tiny model's absolute level is
+    not what this checks."""
     from lightstage.envmap import builtin_environment
     from model.portrait import twin_evaluation
 
     envs = {n: builtin_environment(n, height=32) for n in ("studio", "sun-sky")}
-    r = twin_evaluation(bundle, [10_000_019], envs, n_truth_lights=256)
-    assert r["per_subject"], "held-out subject rendered empty"
+    r = twin_evaluation(bundle, [10_000_019, 10_000_020], envs, n_truth_lights=256)
+    assert len(r["per_subject"]) == 2, "held-out subject rendered empty"
     m = r["mean"]
     for n in envs:
         for v in ("input", "novel"):
             assert np.isfinite(m[f"{n}_{v}_model_psnr"])
-    model = np.mean([m[f"{n}_input_model_psnr"] for n in envs])
-    base = np.mean([m[f"{n}_input_baseline_psnr"] for n in envs])
-    assert model > base + 0.5, m
+            assert m[f"{n}_{v}_model_matched_psnr"] > m[f"{n}_{v}_baseline_psnr"] + 0.5, m
+    # the encoder beats the mean latent on the input view (generator-domain PSNR)
+    assert m["encoder_psnr"] > m["mean_latent_psnr"]
