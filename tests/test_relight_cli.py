@@ -109,10 +109,11 @@ def test_turntable_frames_gif_mp4_strip(store, tmp_path):
     assert not np.allclose(frames[0], frames[2])  # the light really moves
 
 
-def test_portrait_needs_the_model(tmp_path):
-    r = run(["face.png", "--env", "studio", "--out", tmp_path / "o"])
+def test_missing_portrait_is_named_without_traceback(tmp_path):
+    r = run([str(tmp_path / "face.png"), "--env", "studio", "--out", tmp_path / "o"])
     assert r.exit_code != 0
-    assert "portrait relighting needs the model: not yet installed" in r.output
+    assert "face.png" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_bad_inputs_are_named(store, tmp_path):
