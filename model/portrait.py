@@ -309,7 +309,13 @@ def write_portrait_report(src: PortraitSource, out: str | os.PathLike, first_wei
         rec = (np.clip(src.recon, 0, 1) * 255 + 0.5).astype(np.uint8)
         write_png(out / "reconstruction.png", np.ascontiguousarray(rec))
         written.append("reconstruction.png")
-    write_png(out / "olat_contact.png", contact_sheet(src.olats("input"), disp))
+    # OLATs are per unit irradiance, orders of magnitude below an environment relight: the sheet
+    # gets its own exposure (one for all tiles, from the mean OLAT), so lights stay comparable
+    from lightstage.tonemap import auto_exposure
+
+    ol = src.olats("input")
+    ev_sheet = auto_exposure(ol.mean(0).transpose(1, 2, 0), src.mask("input"))
+    write_png(out / "olat_contact.png", contact_sheet(ol, lambda x: to_display(x, tonemap, ev_sheet)))
     written.append("olat_contact.png")
     view_names = []
     for name in src.views:
@@ -338,7 +344,7 @@ display: {html.escape(tonemap)} at {exposure_ev:+.2f} EV (linear EXRs beside thi
 <h2>Input</h2>{''.join(tiles)}
 <h2>Relit</h2>{''.join(img(f, f) for f in relit)}
 <h2>Views</h2>{''.join(img(f'view_{n}.png', n) for n in view_names)}
-<h2>OLATs ({len(src.light_directions)} model lights)</h2><div class="sheet">{img('olat_contact.png', 'OLAT contact sheet')}</div>
+<h2>OLATs ({len(src.light_directions)} model lights, one exposure for the sheet: {ev_sheet:+.2f} EV)</h2><div class="sheet">{img('olat_contact.png', 'OLAT contact sheet')}</div>
 <h2>Timings (s)</h2><table>{t}</table></body></html>
 """
     (out / "index.html").write_text(page)
