@@ -12,10 +12,12 @@ Pipeline
    fully lit images: their OLATs are never seen).
 4. :class:`ReflectanceTrainer` optimises the network with the prior frozen and its density fixed.
 
-Loss (per ray r, light l, masked): ``w * (|p - t| / s + lambda_log * |log1p(p/s) - log1p(t/s)|)``
+Loss (per ray r, light l, masked): ``w * (((p - t) / s)^2 + lambda_log * (log1p(p/s) - log1p(t/s))^2)``
 with ``s = radiance_scale`` (one store-wide constant), ``w = valid * (mask + bg_weight (1 - mask))``.
 The linear term fits the HDR values that relighting adds up; the log term keeps dark regions
-(shadows, a dim light's rim) from being ignored beside highlights (dynamic range).
+(shadows, a dim light's rim) from being ignored beside highlights (dynamic range). Squared, not
+L1: relighting *sums* OLATs, so the mean is the estimator we want, and L1's median collapsed
+the OLATs to black in our runs (for most pixels most lights leave them in shadow).
 
 Checkpoint (``<out>/reflectance.safetensors`` + ``<out>/reflectance.json``): network weights
 (``net.*``) and Adam state (``opt.<param index>.<name>``), written atomically; the JSON holds
@@ -124,7 +126,7 @@ class TrainConfig:
 
 def reflectance_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, scale: float,
                      log_weight: float = 0.5) -> torch.Tensor:
-    """Masked linear + log L1 (see the module docstring).
+    """Masked squared error on linear radiance + on log1p radiance (see the module docstring).
 
     pred, target (..., N, 3) linear radiance; weight (..., N) -> scalar (weighted mean).
     """
