@@ -314,11 +314,27 @@ class OlatDataset(torch.utils.data.Dataset):
                 self._img[key] = img
         return img
 
-    def _valid(self, ti: int, cam: int, lights: np.ndarray) -> np.ndarray:
+    def images(self, ti: int, cam: int, lights: np.ndarray) -> np.ndarray:
+        """(Lb, 3, H, W) float32 radiance per unit light (one read per image: measured faster
+        here than one orthogonal selection over the lights)."""
+        return np.stack([self.image(ti, cam, int(l)) for l in lights])
+
+    def _valid(self, ti: int, cam: int, lights: np.ndarray) -> np.ndarray | None:
+        """(Lb, H, W) bool validity (None when the take has no ``valid`` array); cached like
+        the images when ``config.cache``."""
         g = self.takes[ti].group
         if "valid" not in g:
             return None
-        return np.stack([g["valid"][cam, int(l)] > 127 for l in lights])
+        out = []
+        for l in lights:
+            key = ("valid", ti, cam, int(l))
+            v = self._img.get(key)
+            if v is None:
+                v = g["valid"][cam, int(l)] > 127
+                if self.config.cache:
+                    self._img[key] = v
+            out.append(v)
+        return np.stack(out)
 
     # -- items ------------------------------------------------------------------------------
     def sample(self, rng: np.random.Generator, ti: int | None = None, cam: int | None = None,
@@ -348,7 +364,7 @@ class OlatDataset(torch.utils.data.Dataset):
             x0 = int(np.clip(cx - c // 2, 0, W - c))
             ys, xs = np.mgrid[y0:y0 + c, x0:x0 + c].reshape(2, -1)
         o, d = self.rays(ti, cam)
-        target = np.stack([self.image(ti, cam, int(l))[:, ys, xs].T for l in lights])  # (Lb, N, 3)
+        target = self.images(ti, cam, lights)[:, :, ys, xs].transpose(0, 2, 1)  # (Lb, N, 3)
         v = self._valid(ti, cam, lights)
         valid = np.ones((len(lights), len(ys)), np.float32) if v is None else v[:, ys, xs].astype(np.float32)
         return {
