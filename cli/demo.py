@@ -40,10 +40,8 @@ from pathlib import Path
 
 import click
 import numpy as np
+from cli._progress import progress_bar
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
 
 __all__ = ["main", "run_demo"]
 
@@ -51,16 +49,8 @@ _MANAGED = ["capture", "calibration_capture", "calibration.json", "calibration_r
             "img", "index.html", "demo.json"]
 
 
-class _Rate(ProgressColumn):
-    def render(self, task):
-        s = task.finished_speed or task.speed
-        return Text("--/s" if s is None else f"{s:.2f}/s")
-
-
 def _progress(console):
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                    transient=False)
+    return progress_bar(console, digits=2)
 
 
 def _psnr(pred, truth, mask=None) -> float:

@@ -16,24 +16,15 @@ from __future__ import annotations
 import sys
 
 import click
+from cli._progress import progress_bar
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
+from rich.progress import Progress
 
 __all__ = ["main"]
 
 
-class _Rate(ProgressColumn):
-    def render(self, task):
-        s = task.finished_speed or task.speed
-        return Text("-- frames/s" if s is None else f"{s:.1f} frames/s")
-
-
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=console, transient=False)
+    return progress_bar(console, "frames")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

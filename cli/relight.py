@@ -37,10 +37,9 @@ from pathlib import Path
 
 import click
 import numpy as np
+from cli._progress import progress_bar
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
+from rich.progress import Progress
 
 __all__ = ["main", "open_portrait_source", "PORTRAIT_BACKEND"]
 
@@ -49,20 +48,8 @@ __all__ = ["main", "open_portrait_source", "PORTRAIT_BACKEND"]
 PORTRAIT_BACKEND = "model.portrait"
 
 
-class _Rate(ProgressColumn):
-    def __init__(self, unit: str):
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task):
-        s = task.finished_speed or task.speed
-        return Text(f"-- {self.unit}/s" if s is None else f"{s:.1f} {self.unit}/s")
-
-
 def _progress(console: Console, unit: str) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _Rate(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=console, transient=False)
+    return progress_bar(console, unit)
 
 
 def open_portrait_source(portrait: str, **options):

@@ -25,20 +25,14 @@ import time
 from pathlib import Path
 
 import click
+from cli._progress import progress_bar
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
 
 from lightstage.rig import BUILTIN_RIGS, RigError, load_rig
 
 __all__ = ["main"]
 
 
-class _Rate(ProgressColumn):
-    def render(self, task):
-        s = task.finished_speed or task.speed
-        return Text("-- frames/s" if s is None else f"{s:.2f} frames/s")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,9 +68,7 @@ def main(out: Path, rig_spec: str, subjects: int, seed: int, no_noise: bool, wor
 
     n_cams = rig.n_cameras
     t0 = time.perf_counter()
-    progress = Progress(TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
-                        _Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=console, transient=False)
+    progress = progress_bar(console, "frames", description="[bold]simulating", digits=2)
     task = None
     counted = [0]
 
