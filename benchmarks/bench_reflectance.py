@@ -167,10 +167,11 @@ def quality(capture: str, prior: str, out: str, steps: int = 300, fit_steps: int
     (``sum_i E_i OLAT_i`` of the noise-free truth OLATs) and the time per environment relight."""
     import shutil
 
-    from click.testing import CliRunner
+    import subprocess
+    import sys
+
     from safetensors.torch import load_file
 
-    from cli.train_reflectance import reflectance as cli_cmd
     from lightstage.envmap import builtin_environment
     from model.checkpoint import load_generator
     from model.olat_data import OlatDataset, make_splits
@@ -194,9 +195,11 @@ def quality(capture: str, prior: str, out: str, steps: int = 300, fit_steps: int
         if (run / "reflectance.json").exists():
             args.append("--resume")
         t0 = time.perf_counter()
-        r = CliRunner().invoke(cli_cmd, list(map(str, args)), catch_exceptions=False)
-        if r.exit_code:
-            raise RuntimeError(r.output)
+        # run the command as a user would (nothing imports cli)
+        r = subprocess.run([sys.executable, "-m", "cli.train", "reflectance", *map(str, args)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(r.stdout + r.stderr)
         train_s = time.perf_counter() - t0
         net, doc, _ = load_reflectance(run)
         net.eval()
