@@ -17,7 +17,7 @@ from typing import Any
 
 from model.rendering import RenderOptions
 
-__all__ = ["GeneratorConfig", "PRESETS", "get_config", "EG3D_FFHQ_RENDERING_KWARGS"]
+__all__ = ["GeneratorConfig", "check_config_fields", "PRESETS", "get_config", "EG3D_FFHQ_RENDERING_KWARGS"]
 
 # rendering_kwargs as EG3D's train.py sets them for --cfg=ffhq (see notes/eg3d-reference.md 1.5).
 EG3D_FFHQ_RENDERING_KWARGS: dict[str, Any] = {
@@ -43,6 +43,14 @@ EG3D_FFHQ_RENDERING_KWARGS: dict[str, Any] = {
     "avg_camera_pivot": [0, 0, 0.2],
 }
 
+
+
+def check_config_fields(cls, d: dict[str, Any], error: type[Exception] = ValueError) -> None:
+    """Refuse a config dict with fields ``cls`` does not have (a typo or a newer config), naming
+    them, instead of silently ignoring or failing deep inside the constructor."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise error(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
 
 @dataclass
 class GeneratorConfig:
@@ -108,10 +116,7 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GeneratorConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GeneratorConfig field(s): {', '.join(unknown)}")
+        check_config_fields(cls, d)
         d = dict(d)
         if "render" in d and isinstance(d["render"], dict):
             d["render"] = RenderOptions.from_kwargs(d["render"])

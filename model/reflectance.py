@@ -48,12 +48,14 @@ Sloan, P.-P., Kautz, J., Snyder, J. (2002). Precomputed radiance transfer. SIGGR
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.configs import check_config_fields
 
 __all__ = [
     "HEADS",
@@ -128,10 +130,7 @@ class ReflectanceConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ReflectanceConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ReflectanceConfig field(s): {sorted(unknown)}")
+        check_config_fields(cls, d)
         return cls(**d)
 
     @classmethod

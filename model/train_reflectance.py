@@ -41,7 +41,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.configs import check_config_fields
 from model.olat_data import DataConfig, OlatDataset, collate
 from model.reflectance import GeometrySamples, ReflectanceConfig, ReflectanceNet
 
@@ -114,10 +115,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {sorted(unknown)}")
+        check_config_fields(cls, d)
         return cls(**d)
 
 
