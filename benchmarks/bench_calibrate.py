@@ -39,7 +39,7 @@ def _baseline(root: Path, shots: dict, chart_H: dict):
     import cv2
     import rawpy
 
-    from lightstage.twin.targets import BoardSpec, charuco_board, colorchecker_reference, ChartSpec
+    from lightstage.targets_spec import BoardSpec, ChartSpec, charuco_board, colorchecker_reference
 
     def linear(path, t, iso):
         with rawpy.imread(str(path)) as r:
@@ -98,7 +98,7 @@ def _baseline(root: Path, shots: dict, chart_H: dict):
 
 def _errors(cams: dict, truth) -> dict:
     from calibration.colour import delta_e2000
-    from lightstage.twin.targets import colorchecker_reference
+    from lightstage.targets_spec import colorchecker_reference
 
     ref = colorchecker_reference()
     f, cen, rot, de = [], [], [], []

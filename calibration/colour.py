@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from lightstage.twin.targets import ChartSpec, DEFAULT_CHART, colorchecker_reference
+from lightstage.targets_spec import ChartSpec, DEFAULT_CHART, colorchecker_reference
 
 __all__ = [
     "ChartNotFound",

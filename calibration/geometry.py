@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lightstage.camera import distort_normalised
-from lightstage.twin.targets import BoardSpec, charuco_board
+from lightstage.targets_spec import BoardSpec, charuco_board
 
 __all__ = [
     "GeometryError",

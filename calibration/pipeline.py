@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lightstage.calibfile import Calibration, CameraCalibration, LightCalibration
-from lightstage.twin.targets import BoardSpec, ChartSpec, colorchecker_reference
+from lightstage.targets_spec import BoardSpec, ChartSpec, colorchecker_reference
 
 from .colour import (ChartNotFound, ColourFit, chart_from_corners, cross_camera_spread,
                      detect_chart, fit_colour, illumination_flatten, sample_patches,

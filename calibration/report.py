@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lightstage.calibfile import Calibration
-from lightstage.twin.targets import colorchecker_reference
+from lightstage.targets_spec import colorchecker_reference
 
 from .colour import delta_e2000
 

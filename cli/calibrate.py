@@ -328,7 +328,7 @@ def chart_cmd(images, corners, colour_method, out, overwrite):
     from calibration.colour import (ChartNotFound, chart_from_corners, detect_chart, fit_colour,
                                     load_corners, sample_patches)
     from calibration.raw import RawDecodeError, load_image
-    from lightstage.twin.targets import colorchecker_reference
+    from lightstage.targets_spec import colorchecker_reference
 
     if out is not None:
         _check_out(out, overwrite)

@@ -167,3 +167,17 @@ def test_calibration_plan_demo_rig():
 def test_sphere_kind_validated():
     with pytest.raises(ValueError, match="kind"):
         SphereTarget([0, 0, 0], 0.1, "glass")
+
+
+def test_specs_live_in_the_neutral_module_and_twin_reexports_them():
+    import lightstage.targets_spec as spec
+    import lightstage.twin.targets as twin
+
+    for name in ("BoardSpec", "ChartSpec", "DEFAULT_BOARD", "DEFAULT_CHART",
+                 "colorchecker_reference", "charuco_board"):
+        assert getattr(twin, name) is getattr(spec, name), name
+    b = spec.BoardSpec.from_dict(spec.DEFAULT_BOARD.to_dict())
+    assert b == spec.DEFAULT_BOARD
+    # the OpenCV board has one inner corner per interior grid point
+    c, r = b.squares
+    assert len(spec.charuco_board(b).getChessboardCorners()) == (c - 1) * (r - 1)

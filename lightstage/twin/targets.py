@@ -53,6 +53,8 @@ import numpy as np
 
 from ..camera import distort_normalised, undistort_normalised
 from ..rig import Camera, Rig, look_at
+from ..targets_spec import (DEFAULT_BOARD, DEFAULT_CHART, BoardSpec, ChartSpec, charuco_board,
+                            colorchecker_reference)
 
 __all__ = [
     "CalibrationShot",
@@ -72,78 +74,7 @@ __all__ = [
 ]
 
 
-# ---- specs ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BoardSpec:
-    """A ChArUco board: ``squares`` = (columns, rows), lengths in metres, OpenCV dictionary."""
-
-    squares: tuple[int, int] = (9, 7)
-    square: float = 0.028
-    marker: float = 0.021
-    dictionary: str = "DICT_4X4_50"
-
-    @property
-    def size(self) -> tuple[float, float]:
-        """(width, height) in metres."""
-        return self.squares[0] * self.square, self.squares[1] * self.square
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"squares": list(self.squares), "square": self.square, "marker": self.marker,
-                "dictionary": self.dictionary}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BoardSpec":
-        return cls(tuple(int(v) for v in d["squares"]), float(d["square"]), float(d["marker"]),
-                   str(d["dictionary"]))
-
-
-@dataclass(frozen=True)
-class ChartSpec:
-    """ColorChecker 24 layout: 6 x 4 patches, ``pitch`` between patch centres, square
-    ``patch`` side, ``margin`` of dark frame around the patch grid (metres)."""
-
-    pitch: float = 0.042
-    patch: float = 0.035
-    margin: float = 0.012
-    frame_albedo: float = 0.03
-    reference: str = "ColorChecker24 - After November 2014"
-
-    @property
-    def size(self) -> tuple[float, float]:
-        gap = self.pitch - self.patch
-        return 6 * self.pitch - gap + 2 * self.margin, 4 * self.pitch - gap + 2 * self.margin
-
-    def patch_centres(self) -> np.ndarray:
-        """(24, 2) patch centres in chart coordinates (x right, y down, metres), row-major
-        from the top-left patch ('dark skin')."""
-        off = self.margin + self.patch / 2
-        j, i = np.meshgrid(np.arange(6), np.arange(4))
-        return np.stack([off + j.ravel() * self.pitch, off + i.ravel() * self.pitch], axis=1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"pitch": self.pitch, "patch": self.patch, "margin": self.margin,
-                "frame_albedo": self.frame_albedo, "reference": self.reference}
-
-
-DEFAULT_BOARD = BoardSpec()
-DEFAULT_CHART = ChartSpec()
-
-
-def colorchecker_reference(name: str = DEFAULT_CHART.reference) -> np.ndarray:
-    """(24, 3) patch reflectances in linear Rec.709 (D65), row-major from 'dark skin'.
-
-    colour-science's xyY values (D50, ICC) are chromatically adapted to D65 with Bradford.
-    One patch (cyan) is slightly outside Rec.709 (negative red); the value is kept as is so
-    the twin and the calibration agree on one linear reference.
-    """
-    import colour
-
-    cc = colour.CCS_COLOURCHECKERS[name]
-    XYZ = colour.xyY_to_XYZ(np.array(list(cc.data.values()), dtype=np.float64))
-    return colour.XYZ_to_RGB(XYZ, colour.RGB_COLOURSPACES["sRGB"], illuminant=cc.illuminant,
-                             chromatic_adaptation_transform="Bradford")
+# ---- textures (the specs live in lightstage.targets_spec, re-exported above) --------------
 
 
 def colorchecker_texture(spec: ChartSpec = DEFAULT_CHART, px_per_m: float = 4000.0) -> np.ndarray:
@@ -158,14 +89,6 @@ def colorchecker_texture(spec: ChartSpec = DEFAULT_CHART, px_per_m: float = 4000
         y0, y1 = int(round((cy - half) * px_per_m)), int(round((cy + half) * px_per_m))
         tex[y0:y1, x0:x1] = ref[k]
     return tex
-
-
-def charuco_board(spec: BoardSpec = DEFAULT_BOARD):
-    """The OpenCV ``CharucoBoard`` of a spec."""
-    import cv2
-
-    d = cv2.aruco.getPredefinedDictionary(getattr(cv2.aruco, spec.dictionary))
-    return cv2.aruco.CharucoBoard(tuple(spec.squares), spec.square, spec.marker, d)
 
 
 def charuco_texture(spec: BoardSpec = DEFAULT_BOARD, px_per_square: int = 240,
