@@ -30,9 +30,10 @@ from pathlib import Path
 import click
 import numpy as np
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import Progress
 from rich.table import Table
+
+from cli._progress import progress_bar
 
 __all__ = ["main"]
 
@@ -66,18 +67,9 @@ def main() -> None:
     """Calibrate a light stage from a calibration capture (default), or cameras from photos."""
 
 
-class _Rate(TransferSpeedColumn):
-    def render(self, task):
-        from rich.text import Text
-
-        s = task.finished_speed or task.speed
-        return Text("-- it/s" if s is None else f"{s:.2f} it/s")
-
-
-def _progress():
-    return Progress(TextColumn("[bold]{task.description:<11}"), BarColumn(), MofNCompleteColumn(),
-                    _Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=_console, transient=False)
+def _progress() -> Progress:
+    # one bar per stage (boards, colour, chrome ...), each counting images of that stage
+    return progress_bar(_console, "img", "[bold]{task.description:<11}", digits=2)
 
 
 @main.command("capture")
