@@ -36,7 +36,7 @@ from .colour import (ChartNotFound, ColourFit, chart_from_corners, cross_camera_
 from .geometry import GeometryError, RigGeometry, calibrate_rig, charuco_pattern
 from .lights import (CameraModel, LightError, diffuse_irradiance, find_highlight, fit_sphere,
                      light_positions, mirror_ray, silhouette_edges)
-from .raw import RawImage, decode_raw, display_u8, merge_bracket
+from .raw import RawDecodeError, RawImage, decode_bracket, display_u8
 from .vignetting import fit_vignetting, vignetting_gain
 
 __all__ = ["CalibrateConfig", "CalibrationRun", "CaptureError", "load_shots", "calibrate_capture"]
@@ -118,8 +118,11 @@ class _Loader:
         files = shot["files"].get(cam)
         if not files:
             raise CaptureError(f"shot {shot['name']}: no files for camera {cam}")
-        ims = [decode_raw(self.root / f["path"], f.get("exposure"), f.get("iso")) for f in files]
-        return merge_bracket(ims)
+        try:
+            return decode_bracket([(self.root / f["path"], f.get("exposure"), f.get("iso"))
+                                   for f in files])
+        except RawDecodeError as e:
+            raise CaptureError(f"shot {shot['name']}, camera {cam}: {e}") from None
 
 
 def _known(shot: dict) -> dict:

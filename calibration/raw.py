@@ -1,9 +1,11 @@
-"""Raw decode for calibration: DNG/raw -> exposure-normalised linear camera RGB.
+"""Raw decode for calibration: DNG/raw files -> exposure-normalised linear camera RGB.
 
-``c = (raw - black) / (white - black) / (t * ISO/100)``, demosaiced bilinearly on the linear
-data (OpenCV), saturated photosites masked. No white balance, no colour matrix, no clipping of
-negative values (noise around black must average out), no tone curve: the calibration fits the
-colour matrix that maps exactly this ``c`` to linear Rec.709 radiance (lightstage.calibfile).
+``c = (raw - black) / (white - black) / (t * ISO/100)``: decoded by :func:`lightstage.raw.read_raw`,
+an exposure bracket merged on the CFA mosaics by :func:`lightstage.hdr.merge_bracket` (where
+saturation is exact per photosite) and demosaiced once by
+:func:`lightstage.raw.demosaic_bilinear` -- the very path ``ls-ingest`` takes, so the colour
+matrix fitted here maps exactly the values ingest will feed it. No white balance, no colour
+matrix, no clipping of negative values (noise around black must average out), no tone curve.
 
 Also reads ordinary 8-bit images (JPEG/PNG, real calibration photos) as sRGB-decoded linear
 values, for geometry and chart sampling only.
@@ -13,29 +15,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-__all__ = ["RawImage", "RawDecodeError", "decode_raw", "merge_bracket", "load_image",
-           "srgb_to_linear", "display_u8", "demosaic_bilinear"]
+from lightstage.hdr import merge_bracket as _merge
+from lightstage.imageio import srgb_to_linear
+from lightstage.raw import RawError, demosaic_bilinear, read_raw, saturation_rgb
 
-_CFA_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+__all__ = ["RawImage", "RawDecodeError", "decode_raw", "decode_bracket", "merge_bracket",
+           "load_image", "srgb_to_linear", "display_u8", "RAW_SUFFIXES"]
+
+RAW_SUFFIXES = (".dng", ".cr2", ".cr3", ".nef", ".arw", ".kdc", ".raf", ".orf", ".rw2")
 
 
-class RawDecodeError(ValueError):
-    pass
+class RawDecodeError(RawError):
+    """A calibration image that cannot be read; the message names the file and the reason."""
 
 
 @dataclass
 class RawImage:
-    """A decoded raw frame.
+    """A decoded (possibly bracket-merged) frame.
 
     Attributes
     ----------
     rgb : (H, W, 3) float32 exposure-normalised camera RGB
-    saturated : (H, W) bool, True where any photosite of the demosaic neighbourhood clipped
-    exposure, iso : from the file's metadata
-    path : where it came from
+    saturated : (H, W) bool, True where every exposure clipped a photosite of the demosaic
+        neighbourhood (the value there is only a lower bound)
+    exposure, iso : of the shortest exposure of the bracket
+    path : the (shortest exposure's) file
     """
 
     rgb: np.ndarray
@@ -45,12 +53,52 @@ class RawImage:
     path: str
 
 
-def _pattern(raw) -> str:
-    desc = raw.color_desc.decode()
-    pat = raw.raw_pattern[:2, :2]
-    letters = "".join(desc[i] for i in pat.ravel())
-    # LibRaw names the second green 'G' or uses index 3
-    return letters.replace("g", "G")
+def _read(path: Path, exposure: float | None, iso: float | None, saturation: float):
+    """(frame, relative exposure t * ISO/100, t, ISO) of one file; errors name the file."""
+    if not path.exists():
+        raise RawDecodeError(f"{path}: no such file")
+    try:
+        fr = read_raw(path)
+    except RawError as e:
+        raise RawDecodeError(str(e)) from None
+    t = float(exposure) if exposure is not None else fr.exposure
+    i = float(iso) if iso is not None else fr.iso
+    if not t > 0:
+        raise RawDecodeError(f"{path}: exposure time missing or not positive ({t})")
+    if not i > 0:
+        raise RawDecodeError(f"{path}: ISO missing or not positive ({i})")
+    # photosites within ``saturation`` of the white level are not trusted either (read_raw's
+    # own margin is 0.5 %; a calibration fit would rather lose a pixel than bend a patch mean)
+    sat = fr.saturated | (fr.data >= saturation if fr.data.ndim == 2 else
+                          (fr.data >= saturation).any(-1))
+    return fr, sat, t * i / 100.0, t, i
+
+
+def decode_bracket(files: Sequence[tuple[str | Path, float | None, float | None]],
+                   saturation: float = 0.98) -> RawImage:
+    """Decode an exposure bracket ``[(path, exposure s or None, ISO or None), ...]`` (None:
+    from the file) into one exposure-normalised camera-RGB image.
+
+    The mosaics are merged first (:func:`lightstage.hdr.merge_bracket`, shot-noise optimal
+    weights, saturated photosites excluded) and demosaiced once.
+    """
+    if not files:
+        raise RawDecodeError("empty bracket: no files")
+    frames = [(Path(p),) + _read(Path(p), t, i, saturation) for p, t, i in files]
+    p0, f0 = frames[0][0], frames[0][1]
+    for p, f, *_ in frames[1:]:
+        if f.data.shape != f0.data.shape or f.cfa != f0.cfa:
+            raise RawDecodeError(f"{p}: {f.data.shape} {f.cfa} differs from the bracket's first "
+                                 f"frame {p0.name} ({f0.data.shape} {f0.cfa})")
+    m = _merge([f.data for _, f, *_ in frames], [e for *_, e, _, _ in frames],
+               [s for _, _, s, *_ in frames], weighting="snr")
+    if f0.cfa is not None:
+        rgb = np.ascontiguousarray(np.moveaxis(demosaic_bilinear(m.radiance, f0.cfa), 0, -1))
+        sat = saturation_rgb(~m.valid)
+    else:  # LibRaw-demosaiced fallback (X-Trans, linear DNG): already (H, W, 3)
+        rgb, sat = m.radiance, ~m.valid
+    k = int(np.argmin([e for *_, e, _, _ in frames]))
+    return RawImage(rgb, sat, frames[k][4], frames[k][5], str(frames[k][0]))
 
 
 def decode_raw(path: str | Path, exposure: float | None = None, iso: float | None = None,
@@ -62,88 +110,20 @@ def decode_raw(path: str | Path, exposure: float | None = None, iso: float | Non
     exposure, iso : override the file's metadata (e.g. from a manifest)
     saturation : fraction of (white - black) at or above which a photosite counts as clipped
     """
-    import cv2
-    import rawpy
-
-    path = Path(path)
-    if not path.exists():
-        raise RawDecodeError(f"{path}: no such file")
-    try:
-        with rawpy.imread(str(path)) as raw:
-            # rawpy arrays are views into LibRaw memory: copy before the file closes
-            mosaic = np.array(raw.raw_image_visible, dtype=np.float32, copy=True)
-            blacks = np.asarray(raw.black_level_per_channel, dtype=np.float32)
-            white = float(raw.white_level)
-            colors = np.array(raw.raw_colors_visible, copy=True)
-            desc = raw.color_desc.decode()
-            pattern = _pattern(raw)
-            t_file = float(raw.other.shutter_speed) if raw.other is not None else 0.0
-            iso_file = float(raw.other.iso_speed) if raw.other is not None else 0.0
-    except Exception as e:  # rawpy raises several unrelated types
-        raise RawDecodeError(f"{path}: cannot decode raw ({type(e).__name__}: {e})") from None
-    t = float(exposure) if exposure is not None else t_file
-    g = float(iso if iso is not None else iso_file) / 100.0
-    if not t > 0:
-        raise RawDecodeError(f"{path}: exposure time missing or not positive ({t})")
-    if not g > 0:
-        raise RawDecodeError(f"{path}: ISO missing or not positive ({g * 100})")
-    black = blacks[colors]
-    scale = white - black
-    sat = mosaic >= black + saturation * scale
-    norm = (mosaic - black) / scale
-    if pattern not in _CFA_PATTERNS:
-        raise RawDecodeError(f"{path}: unsupported CFA pattern {pattern!r}")
-    # LibRaw colour index -> 0 R, 1 G, 2 B (its second green is index 3)
-    lut = np.array(["RGB".index(ch.upper()) for ch in desc], dtype=np.uint8)
-    rgb = demosaic_bilinear(norm, lut[colors])
-    # a clipped photosite poisons the 3x3 neighbourhood bilinear demosaic reads
-    sat = cv2.dilate(sat.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-    rgb /= np.float32(t * g)
-    return RawImage(rgb, sat, t, g * 100, str(path))
-
-
-def demosaic_bilinear(mosaic: np.ndarray, channel: np.ndarray) -> np.ndarray:
-    """Bilinear demosaic of a float (H, W) mosaic with per-photosite channel index (H, W)
-    (0 R, 1 G, 2 B) -> (H, W, 3) float32. Normalised convolution (OpenCV ``filter2D``) so it
-    works on linear float data, for any 2x2 pattern, and stays unbiased at the borders."""
-    import cv2
-
-    k = np.array([[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]], np.float32)
-    out = np.empty(mosaic.shape + (3,), np.float32)
-    for c in range(3):
-        m = (channel == c).astype(np.float32)
-        # green photosites form a quincunx: their bilinear kernel is the cross
-        kc = k if c != 1 else np.array([[0, 0.25, 0], [0.25, 1, 0.25], [0, 0.25, 0]], np.float32)
-        num = cv2.filter2D(mosaic * m, -1, kc, borderType=cv2.BORDER_REFLECT)
-        den = cv2.filter2D(m, -1, kc, borderType=cv2.BORDER_REFLECT)
-        out[..., c] = num / np.maximum(den, 1e-6)
-        # measured samples stay exactly as measured
-        out[..., c] = np.where(m > 0, mosaic, out[..., c])
-    return out
+    return decode_bracket([(path, exposure, iso)], saturation)
 
 
 def merge_bracket(images: list[RawImage]) -> RawImage:
-    """Merge an exposure bracket of already-normalised frames: per pixel, the mean over the
-    frames that are not saturated there, weighted by exposure (longer = less noise); pixels
-    saturated in every frame keep the shortest frame's value and stay flagged."""
+    """Merge already-decoded frames of one bracket (:func:`lightstage.hdr.merge_bracket` on
+    the demosaiced images; :func:`decode_bracket` merges the mosaics instead, which is exact
+    per photosite and preferred when the files are at hand)."""
     if len(images) == 1:
         return images[0]
-    num = np.zeros_like(images[0].rgb)
-    den = np.zeros(images[0].saturated.shape, np.float32)
-    for im in images:
-        w = (~im.saturated).astype(np.float32) * np.float32(im.exposure * im.iso / 100)
-        num += im.rgb * w[..., None]
-        den += w
-    shortest = min(images, key=lambda im: im.exposure * im.iso)
-    ok = den > 0
-    rgb = np.where(ok[..., None], num / np.maximum(den, 1e-30)[..., None], shortest.rgb)
-    return RawImage(rgb.astype(np.float32), ~ok, shortest.exposure, shortest.iso,
-                    shortest.path)
-
-
-def srgb_to_linear(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, np.float32)
-    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4).astype(np.float32)
+    e = [im.exposure * im.iso / 100 for im in images]
+    m = _merge([im.rgb * np.float32(ek) for im, ek in zip(images, e)], e,
+               [im.saturated for im in images], weighting="snr")
+    k = int(np.argmin(e))
+    return RawImage(m.radiance, ~m.valid, images[k].exposure, images[k].iso, images[k].path)
 
 
 def load_image(path: str | Path) -> RawImage:
@@ -152,7 +132,7 @@ def load_image(path: str | Path) -> RawImage:
     import cv2
 
     path = Path(path)
-    if path.suffix.lower() in (".dng", ".cr2", ".nef", ".arw", ".kdc", ".raf", ".orf", ".rw2"):
+    if path.suffix.lower() in RAW_SUFFIXES:
         return decode_raw(path)
     if not path.exists():
         raise RawDecodeError(f"{path}: no such file")

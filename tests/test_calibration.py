@@ -16,7 +16,7 @@ from calibration.colour import (ChartNotFound, apply_colour, delta_e2000, detect
 from calibration.geometry import (GeometryError, calibrate_camera, calibrate_rig,
                                   charuco_pattern, chessboard_pattern, parse_board)
 from calibration.lights import light_positions, triangulate_lines
-from calibration.raw import RawDecodeError, decode_raw, load_image, merge_bracket
+from calibration.raw import RawDecodeError, decode_bracket, decode_raw, load_image, merge_bracket
 from calibration.vignetting import fit_vignetting, vignetting_gain
 from lightstage.dng import write_dng
 from lightstage.rig import builtin_rig
@@ -89,6 +89,14 @@ def test_bracket_merge_replaces_saturated_pixels(tmp_path, demo):
     expect = M @ np.array([30.0] * 3) / cam.sensor.full_scale * true_vignetting(cam)[100, 256]
     np.testing.assert_allclose(m.rgb[100, 256], expect, rtol=5e-3)
     assert not m.saturated[:190].any()
+    # the mosaic-level merge (lightstage.hdr, the ingest path) agrees, and names bad files
+    pa, pb = tmp_path / "long.dng", tmp_path / "short.dng"
+    mb = decode_bracket([(pa, None, None), (pb, short, None)])
+    np.testing.assert_allclose(mb.rgb[100, 256], expect, rtol=5e-3)
+    assert not mb.saturated[:190].any() and mb.exposure == pytest.approx(short)
+    np.testing.assert_allclose(mb.rgb[250:, 8:-8], m.rgb[250:, 8:-8], rtol=1e-5)
+    with pytest.raises(RawDecodeError, match="missing.dng: no such file"):
+        decode_bracket([(pa, None, None), (tmp_path / "missing.dng", None, None)])
 
 
 def _fit_on_twin_chart(tmp_path, cam, L, t, method="matrix-3x3"):
