@@ -5,11 +5,21 @@ light weights with and without the cached assignment.
 
 Rows
 ----
+copy-bandwidth
+    ``np.copyto`` of a buffer as large as the float32 stack (one thread, and split over two
+    threads): bytes copied per second, the reference of every ratio below.
 olat-f32 / olat-f16
-    331 lights x 3 x P pixels combined by ``lightstage.relight.relight`` (torch GEMV; float16
-    converted a few lights at a time into a reused float32 buffer on one thread). ``ratio`` = bytes of OLAT data read per
-    second / bytes copied per second by ``np.copyto`` of a buffer as large as the float32 stack,
-    measured in the same run. Goal >= 0.7.
+    331 lights x 3 x P pixels combined by ``lightstage.relight.relight`` (float32: torch GEMV;
+    float16: the fused numba kernel of :mod:`lightstage._half`, or the torch fallback when numba
+    is missing — ``path`` says which). ``ratio`` = (bytes of the stack read + bytes of the
+    float32 image written) per second / one-thread copy bandwidth measured in the same run.
+    Goal >= 0.7. ``ratio_vs_2thread_copy`` uses the two-thread copy instead, and
+    ``ratio_vs_copy_read_plus_write`` counts the copy's reads and writes (STREAM's convention).
+olat-f16-1thread / olat-f16-8envs
+    the fused kernel on one thread; eight weight sets (e.g. turntable frames) in one pass.
+torch-f16
+    the previous float16 path (torch: a few lights converted into a float32 buffer, then GEMV).
+    ``ratio`` = its time / ours.
 einsum-interleaved
     the naive baseline: ``einsum('lpc,lc->pc')`` over an interleaved (light, pixel, channel)
     float32 stack. ``ratio`` = its time / ours (speed-up of the channel-planar GEMV).
@@ -60,15 +70,30 @@ def main(quick: bool = False) -> list[dict]:
     # ---- the floor: copy bandwidth of a buffer as large as the float32 stack ---------------
     dst = np.empty_like(olat32)
     t_copy = _best(lambda: np.copyto(dst, olat32))
+    # the same copy split over two threads (np.copyto releases the GIL): the machine's
+    # bandwidth when both cores stream, reported so the one-thread reference is not flattering
+    from concurrent.futures import ThreadPoolExecutor
+
+    half = olat32.shape[2] // 2
+    with ThreadPoolExecutor(2) as pool:
+        def copy2():
+            fs = [pool.submit(np.copyto, dst[:, :, s], olat32[:, :, s])
+                  for s in (slice(0, half), slice(half, None))]
+            for f in fs:
+                f.result()
+
+        t_copy2 = _best(copy2)
     del dst
     copy_bw = olat32.nbytes / t_copy
+    copy2_bw = olat32.nbytes / t_copy2
     rows.append({"name": "copy-bandwidth", "ratio": 1.0, "goal": "reference (np.copyto)",
-                 "bytes": olat32.nbytes, "seconds": t_copy, "GB_per_s": copy_bw / 1e9})
+                 "bytes": olat32.nbytes, "seconds": t_copy, "GB_per_s": copy_bw / 1e9,
+                 "GB_per_s_2threads": copy2_bw / 1e9})
 
     # ---- float32: torch GEMV ------------------------------------------------------------------
     out = np.empty((3, P), np.float32)
     t32 = _best(lambda: R.relight(olat32, w, out=out))
-    bw32 = olat32.nbytes / t32
+    bw32 = (olat32.nbytes + out.nbytes) / t32  # stack read + image written
     rows.append({"name": "olat-f32", "ratio": bw32 / copy_bw, "goal": ">= 0.7 of copy bandwidth",
                  "lights": L, "pixels": P, "seconds": t32, "GB_per_s": bw32 / 1e9,
                  "copy_GB_per_s": copy_bw / 1e9, "torch_threads": torch.get_num_threads()})
@@ -84,13 +109,48 @@ def main(quick: bool = False) -> list[dict]:
                  "seconds_einsum": t_ein, "seconds_ours": t32, "max_rel_diff": err})
 
     # ---- float16 --------------------------------------------------------------------------------
+    # bytes counted: the float16 stack read + the float32 image written
     olat16 = olat32.astype(np.float16)
     del olat32
     gc.collect()
-    t16 = _best(lambda: R.relight(olat16, w, out=out))
-    bw16 = olat16.nbytes / t16
+    from lightstage import _half
+
+    fused = _half.available()
+    t16 = _best(lambda: R.relight(olat16, w, out=out), repeat=5)
+    moved16 = olat16.nbytes + out.nbytes
+    bw16 = moved16 / t16
     rows.append({"name": "olat-f16", "ratio": bw16 / copy_bw, "goal": ">= 0.7 of copy bandwidth",
-                 "seconds": t16, "GB_per_s": bw16 / 1e9, "copy_GB_per_s": copy_bw / 1e9})
+                 "path": "fused numba kernel" if fused else f"torch fallback ({_half._STATE.get('why')})",
+                 "threads": _half.default_threads(), "bytes": moved16, "seconds": t16,
+                 "GB_per_s": bw16 / 1e9, "copy_GB_per_s": copy_bw / 1e9,
+                 "ratio_vs_2thread_copy": bw16 / copy2_bw,
+                 "ratio_vs_copy_read_plus_write": bw16 / (2 * copy_bw)})
+    if fused:
+        out1 = np.zeros((1, 3, P), np.float32)  # the kernel adds into it: values don't matter here
+        t1 = _best(lambda: _half.combine_f16(olat16, w[None], out1, threads=1), repeat=3)
+        rows.append({"name": "olat-f16-1thread", "ratio": moved16 / t1 / copy_bw,
+                     "goal": "the fused kernel on one thread, vs copy bandwidth",
+                     "seconds": t1, "GB_per_s": moved16 / t1 / 1e9})
+        w8 = np.stack([w * (k + 1) for k in range(8)])
+        out8 = np.empty((8, 3, P), np.float32)
+        t8 = _best(lambda: R.relight(olat16, w8, out=out8), repeat=3)
+        rows.append({"name": "olat-f16-8envs", "ratio": (olat16.nbytes + out8.nbytes) / t8 / copy_bw,
+                     "goal": "8 weight sets in one pass (turntable frames), bytes read+written vs copy",
+                     "seconds": t8, "seconds_per_image": t8 / 8})
+
+    fallback = R.Relighter(L, P, device="cpu", use_kernel=False)
+    out_t = torch.from_numpy(out).view(1, 3, P)
+
+    def torch_f16():
+        out_t.zero_()
+        fallback.accumulate(out_t, olat16, w[None])
+
+    t_torch16 = _best(torch_f16, repeat=1)
+    rows.append({"name": "torch-f16", "ratio": t_torch16 / t16,
+                 "goal": "speed-up of the fused kernel over the previous path (torch, light-chunked "
+                         "conversion into a float32 buffer + GEMV)",
+                 "seconds_torch": t_torch16, "seconds_ours": t16,
+                 "torch_ratio_vs_copy": moved16 / t_torch16 / copy_bw})
 
     def numpy_f16():
         x = olat16.astype(np.float32)
@@ -99,7 +159,7 @@ def main(quick: bool = False) -> list[dict]:
 
     t_np16 = _best(numpy_f16, repeat=1)
     rows.append({"name": "numpy-f16", "ratio": t_np16 / t16,
-                 "goal": "speed-up of the light-chunked torch float16 path over numpy astype + GEMV",
+                 "goal": "speed-up of the float16 path over numpy astype + GEMV",
                  "seconds_numpy": t_np16, "seconds_ours": t16})
     del olat16
     gc.collect()

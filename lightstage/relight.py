@@ -32,8 +32,11 @@ power, that concerns.
 
 Combination: the OLAT stack is channel-planar ``(L, 3, H, W)``, so per channel it is a GEMV
 ``weights[:, c] @ olat[:, c].reshape(L, -1)`` that runs at memory bandwidth; torch (GPU when
-present) does it with preallocated buffers, converting float16 a few lights at a time into a
-reused buffer (numpy's float16 conversion is slow). :func:`relight_take` streams a Zarr take in bounded memory.
+present) does it with preallocated buffers for float32. A float16 stack on the CPU goes through
+a fused numba kernel (:mod:`lightstage._half`: widen in registers, accumulate in float32, read
+the stack once), because torch's and numpy's half paths run at a fraction of memory bandwidth;
+without numba it falls back to converting a few lights at a time into a reused float32 buffer.
+:func:`relight_take` streams a Zarr take in bounded memory (same paths per chunk).
 
 Rotating an environment by ``R`` equals rotating the lights by ``R^T``:
 ``E_i(R env) = E(env; R^T l_i)``. :func:`weights_for_rotations` uses the cached matrix and a
@@ -426,19 +429,32 @@ class Relighter:
         size of the reused float32 buffer that float16 stacks are converted into, a few
         lights at a time (contiguous rows).
     convert_threads : int or None
-        torch threads for the float16 -> float32 conversion on CPU (``None``: leave torch's
-        setting). torch's thread count is process-wide and is restored after each copy.
+        torch threads for the float16 -> float32 conversion of the torch fallback on CPU
+        (``None``: leave torch's setting). torch's thread count is process-wide and is restored
+        after each copy.
+    threads : int or None
+        threads of the fused float16 kernel (default :func:`lightstage._half.default_threads`).
+    use_kernel : bool
+        use the fused float16 kernel on the CPU when numba provides it (``False``: always the
+        torch path; for comparisons).
 
     ``accumulate(out, olat, weights)`` adds ``sum_i w[n, i, c] * olat[i, c]`` into ``out``
-    ``(N, 3, P)`` float32 in place (BLAS GEMV for one weight set, GEMM for several); float16
-    is never multiplied in half precision (weights can exceed its range, sums lose digits).
+    ``(N, 3, P)`` float32 in place. float32 stacks: BLAS GEMV for one weight set, GEMM for
+    several. float16 stacks on the CPU: one fused pass (:mod:`lightstage._half`) that widens
+    each value in registers and accumulates in float32, so the stack is read once at memory
+    bandwidth; without numba (or on a GPU) a few lights at a time are converted into a reused
+    float32 buffer for BLAS. float16 is never multiplied in half precision (weights can exceed
+    its range, sums lose digits).
     """
 
     def __init__(self, n_lights: int, n_pixels: int, device: str | None = None,
-                 chunk_bytes: int = 32 << 20, convert_threads: int | None = 1):
+                 chunk_bytes: int = 32 << 20, convert_threads: int | None = 1,
+                 threads: int | None = None, use_kernel: bool = True):
         import torch
 
         self.torch = torch
+        self.threads = threads
+        self.use_kernel = bool(use_kernel)
         self.convert_threads = convert_threads
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.chunk_bytes = int(chunk_bytes)
@@ -459,9 +475,32 @@ class Relighter:
             else:
                 out[:, c].addmm_(w[:, :, c], x[:, c])
 
+    def _fused_f16(self, out, olat, weights) -> bool:
+        """The float16 CPU fast path (:mod:`lightstage._half`); False when it does not apply."""
+        torch = self.torch
+        if self.device.type != "cpu" or not self.use_kernel:
+            return False
+        if isinstance(olat, torch.Tensor):
+            if olat.dtype != torch.float16 or olat.device.type != "cpu":
+                return False
+            olat = olat.numpy()
+        elif olat.dtype != np.float16:
+            return False
+        if not (out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()):
+            return False
+        from . import _half
+
+        if not _half.available():
+            return False
+        w = weights.cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
+        _half.combine_f16(olat, w.astype(np.float32, copy=False), out.numpy(), threads=self.threads)
+        return True
+
     def accumulate(self, out, olat, weights) -> None:
         """``out`` (N, 3, P) torch float32 += weights (N, L, 3) applied to olat (L, 3, P)."""
         torch = self.torch
+        if self._fused_f16(out, olat, weights):
+            return
         x = olat if isinstance(olat, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(olat))
         x = x.to(self.device, non_blocking=True)
         w = weights if isinstance(weights, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(weights))

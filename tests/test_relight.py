@@ -203,6 +203,57 @@ def test_relight_matches_naive_sum(dtype):
     assert R.relight(olat, w, out=buf) is buf
 
 
+def _half_kernel_or_skip():
+    from lightstage import _half
+
+    if not _half.available():
+        pytest.skip(f"fused float16 kernel unavailable: {_half._STATE.get('why')}")
+    return _half
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_float16_kernel_matches_float64_reference(threads):
+    """The fused kernel equals float64 arithmetic on the float16 values (float32 accumulation
+    only), for awkward sizes (lights not a multiple of 4, pixels not a multiple of the block),
+    several weight sets, subnormal and near-maximum halves, weights far beyond float16's range
+    and an existing ``out`` it must add to."""
+    half = _half_kernel_or_skip()
+    rng = np.random.default_rng(11)
+    L, P, N = 39, 5 * 257 + 3, 3
+    x = (rng.random((L, 3, P)) * 2).astype(np.float16)
+    x[0, 0, :7] = [6e-8, 1e-7, 3e-6, 6.1e-5, 65504, -65504, 0]  # subnormal ... largest half
+    x[5, 2] *= -1
+    w = (rng.random((N, L, 3)) * 1e6).astype(np.float32)  # sums overflow float16 many times
+    out = rng.random((N, 3, P)).astype(np.float32)
+    ref = out.astype(np.float64) + np.einsum("lcp,nlc->ncp", x.astype(np.float64), w.astype(np.float64))
+    half.combine_f16(x, w, out, threads=threads, block=256)
+    scale = np.abs(ref).max(axis=-1, keepdims=True)
+    assert np.abs(out - ref).max() / scale.max() < 1e-6
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * float(scale.max()))
+
+
+def test_relight_float16_uses_the_fused_kernel(monkeypatch):
+    """``relight`` on a float16 stack goes through the fused kernel (not the torch fallback), and
+    both paths agree with the float64 reference."""
+    half = _half_kernel_or_skip()
+    calls = []
+    real = half.combine_f16
+    monkeypatch.setattr(half, "combine_f16", lambda *a, **k: (calls.append(a[0].shape), real(*a, **k)))
+    rng = np.random.default_rng(12)
+    olat = (rng.random((21, 3, 17, 29)) * 3).astype(np.float16)
+    w = rng.random((21, 3)).astype(np.float32)
+    ref = naive(olat, w)
+    np.testing.assert_allclose(R.relight(olat, w), ref, rtol=1e-5)
+    assert calls == [(21, 3, 17 * 29)]
+    out = np.zeros((3, 17, 29), np.float32)
+    fallback = R.Relighter(21, 17 * 29, device="cpu", use_kernel=False)
+    import torch
+
+    fallback.accumulate(torch.from_numpy(out).view(1, 3, -1), olat.reshape(21, 3, -1), w[None])
+    assert len(calls) == 1  # the torch path did not call the kernel
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+
+
 def test_relight_torch_input_and_errors():
     import torch
 
@@ -271,6 +322,18 @@ def test_relight_take_streams_in_bounded_chunks(tmp_path):
     np.testing.assert_allclose(crop, ref[:, 2:9, 3:20], rtol=1e-5)
     many = R.relight_take(take, 0, np.stack([w, 2 * w]))
     np.testing.assert_allclose(many[1], 2 * naive(radiance[0], w), rtol=1e-5)
+    from lightstage import _half
+
+    if _half.available():  # the store stream takes the fused float16 path chunk by chunk
+        calls.clear()
+        real = _half.combine_f16
+        try:
+            _half.combine_f16 = lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))
+            np.testing.assert_allclose(R.relight_take(take, "c1", w, max_bytes=3 * 20 * 24 * 6 * 5),
+                                       ref, rtol=1e-5)
+        finally:
+            _half.combine_f16 = real
+        assert calls == [5, 5, 2]
     lazy = R.relight_take_dask(take, "c1", w, lights_per_chunk=5)
     np.testing.assert_allclose(lazy.compute(), ref, rtol=1e-5)
     src = R.TakeSource(take, "c1")
