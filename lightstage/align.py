@@ -34,6 +34,7 @@ time-multiplexed illumination. SIGGRAPH (tracking frames, flow interpolated to O
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -50,7 +51,24 @@ __all__ = [
     "bracketing",
     "warp",
     "reference_index",
+    "encode_flow",
+    "decode_flow",
+    "flow_grid_shape",
+    "warp_maps",
+    "warp_planes",
+    "FLOW_STORAGE_RULE",
 ]
+
+#: how a stored flow is turned back into a per-pixel flow (recorded in the store's attributes)
+FLOW_STORAGE_RULE = (
+    "flow[c, j] is stored as float16 on a grid subsampled by `stride` (array attribute): cell "
+    "(i, k) holds the mean of the full-resolution flow over pixels [i*stride, (i+1)*stride) x "
+    "[k*stride, (k+1)*stride) (edge-replicated past the image). The per-pixel flow is the "
+    "half-pixel-centred bilinear upsampling of that grid by `stride` (source coordinate "
+    "(y + 0.5) / stride - 0.5, clamped at the edges; cv2.resize INTER_LINEAR, "
+    "torch interpolate align_corners=False) cropped to (H, W). float16 keeps 11 significant "
+    "bits: steps of at most 1/64 px for |flow| < 32 px, 1/32 px below 64 px."
+)
 
 _LUMA = np.array([0.2126, 0.7152, 0.0722], np.float32)  # Rec.709 luminance weights
 
@@ -151,8 +169,17 @@ def homography_flow(flow: np.ndarray, mask: np.ndarray | None = None,
     return (p.reshape(H, W, 2) - np.stack([gx, gy], -1)).astype(np.float32)
 
 
+@lru_cache(maxsize=4)
+def _grid_cached(H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    gx, gy = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
+    gx.flags.writeable = False
+    gy.flags.writeable = False
+    return gx, gy
+
+
 def _grid(H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
+    """Pixel coordinate grids (read-only, cached: every warp of a camera uses the same)."""
+    return _grid_cached(int(H), int(W))
 
 
 def fb_consistency(fwd: np.ndarray, bwd: np.ndarray, threshold: float = 0.5,
@@ -197,6 +224,56 @@ def interpolate_flow(fa: np.ndarray, fb: np.ndarray, s: float) -> np.ndarray:
     if s == 0.0:
         return fa
     return (np.float32(1 - s) * fa + np.float32(s) * fb).astype(np.float32)
+
+
+def flow_grid_shape(height: int, width: int, stride: int) -> tuple[int, int]:
+    """Shape of the stored flow grid for an image of ``height`` x ``width``."""
+    s = max(1, int(stride))
+    return -(-height // s), -(-width // s)
+
+
+def encode_flow(flow: np.ndarray, stride: int = 1) -> np.ndarray:
+    """``(H, W, 2)`` float32 flow -> ``(2, h, w)`` float16 storage grid (see
+    :data:`FLOW_STORAGE_RULE`): block means over ``stride`` x ``stride`` pixels."""
+    H, W = flow.shape[:2]
+    s = max(1, int(stride))
+    f = np.asarray(flow, np.float32)
+    if s > 1:
+        h, w = flow_grid_shape(H, W, s)
+        if (h * s, w * s) != (H, W):
+            f = cv2.copyMakeBorder(f, 0, h * s - H, 0, w * s - W, cv2.BORDER_REPLICATE)
+        f = f.reshape(h, s, w, s, 2).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+    out = np.moveaxis(f, -1, 0)
+    return np.clip(out, -65504, 65504).astype(np.float16)
+
+
+def decode_flow(grid: np.ndarray, height: int, width: int, stride: int = 1) -> np.ndarray:
+    """Stored ``(2, h, w)`` flow grid -> ``(H, W, 2)`` float32 per-pixel flow (the inverse of
+    :func:`encode_flow` up to the documented rule: bilinear, half-pixel centres)."""
+    g = np.ascontiguousarray(np.moveaxis(np.asarray(grid, np.float32), 0, -1))
+    s = max(1, int(stride))
+    if s == 1:
+        return g[:height, :width]
+    h, w = g.shape[:2]
+    up = cv2.resize(g, (w * s, h * s), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(up[:height, :width])
+
+
+def warp_maps(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sampling maps ``x + F(x)`` for :func:`warp_planes` and the ``(H, W)`` uint8 mask (255)
+    of reference pixels whose source lies inside the image."""
+    H, W = flow.shape[:2]
+    gx, gy = _grid(H, W)
+    mx = cv2.add(gx, np.ascontiguousarray(flow[..., 0]))
+    my = cv2.add(gy, np.ascontiguousarray(flow[..., 1]))
+    inside = cv2.bitwise_and(cv2.inRange(mx, 0.0, float(W - 1)), cv2.inRange(my, 0.0, float(H - 1)))
+    return mx, my, inside
+
+
+def warp_planes(planes, mx: np.ndarray, my: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> list:
+    """Resample each ``(H, W)`` plane with maps from :func:`warp_maps` (same as :func:`warp`)."""
+    return [cv2.remap(np.ascontiguousarray(p), mx, my, interpolation,
+                      borderMode=cv2.BORDER_REPLICATE) for p in planes]
 
 
 def warp(img: np.ndarray, flow: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> tuple[np.ndarray, np.ndarray]:

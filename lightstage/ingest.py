@@ -28,7 +28,9 @@ where an interrupted run stopped; with other inputs or options it refuses unless
 
 Arrays added by ingest next to the store's standard ones (``lightstage.store``)::
 
-    flow            (camera, tracking_frame, component, y, x)  float32  reference -> frame (dx, dy)
+    flow            (camera, tracking_frame, component, fy, fx)  float16  reference -> frame (dx, dy)
+                    on a grid subsampled by the array's ``stride`` attribute (rule in its
+                    ``rule`` attribute; :func:`read_flow` gives the per-pixel flow)
     flow_valid      (camera, tracking_frame, y, x)   uint8  flow forward-backward consistent
                                                      and inside the frame (255)
     tracking_ok     (camera, tracking_frame)         uint8  1 = tracking frame decoded
@@ -59,17 +61,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import zarr
 
 from . import align
 from .calibfile import Calibration, CameraCalibration, load_calibration
-from .hdr import merge_bracket
+from .hdr import merge_bracket, merge_raw_snr
 from .manifest import CaptureManifest, find_manifests, load_manifest, sha256_file
-from .raw import RawError, RawFrame, demosaic_bilinear, read_raw, saturation_rgb
+from .raw import RawError, RawFrame, demosaic_planes, read_raw, saturation_rgb
 from .rig import rig_to_dict
 from .store import (STORE_FORMAT, StoreError, create_take, default_tile, list_takes,
-                    provenance)
+                    provenance, write_image)
 
 __all__ = [
     "IngestConfig",
@@ -82,6 +85,7 @@ __all__ = [
     "vignetting_map",
     "process_frame",
     "image_checksum",
+    "read_flow",
     "DONE_TODO",
     "DONE_WRITTEN",
     "DONE_SKIPPED",
@@ -113,6 +117,10 @@ class IngestConfig:
     reference : the tracking frame every image is aligned to: ``"central"`` (default, fewest
         frames from the others), ``"first"``, or a position on the tracking axis.
     flow : optical-flow settings.
+    flow_stride : flows are stored as float16 on a grid subsampled by this factor (block means;
+        upsampled bilinearly, :data:`lightstage.align.FLOW_STORAGE_RULE`); every image is
+        warped with the flow as stored. 4 keeps the residual misalignment well under 0.25 px
+        on smooth head motion at 1/32 of full-resolution float32's size.
     saturation_margin : DN below the white level that still counts as saturated (None: auto).
     """
 
@@ -126,6 +134,7 @@ class IngestConfig:
     mask_threshold: float = 0.05
     reference: str | int = "central"
     flow: align.FlowConfig = field(default_factory=align.FlowConfig)
+    flow_stride: int = 4
     saturation_margin: float | None = None
 
     def fingerprint_dict(self) -> dict[str, Any]:
@@ -274,12 +283,17 @@ def _calib_from(spec: _CamSpec) -> CameraCalibration:
 
 
 @lru_cache(maxsize=8)
-def _vig_cached(key: str, height: int, width: int) -> np.ndarray:
+def _vig_cached(key: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(vignetting map, its reciprocal) for a camera, computed once per worker."""
     d = json.loads(key)
     cal = CameraCalibration(K=np.asarray(d["K"]), distortion=np.zeros(5), cam2world=np.eye(4),
                             image_size=(height, width), colour_matrix=np.eye(3),
                             vignetting=np.asarray(d["v"]))
-    return vignetting_map(cal, height, width)
+    v = vignetting_map(cal, height, width)
+    inv = (1.0 / v.astype(np.float64)).astype(np.float32)
+    v.flags.writeable = False
+    inv.flags.writeable = False
+    return v, inv
 
 
 def _read_checked(path: str, sha: str | None, check: bool, margin: float | None) -> RawFrame:
@@ -291,23 +305,21 @@ def _read_checked(path: str, sha: str | None, check: bool, margin: float | None)
         if got != sha:
             raise RawError(f"{p}: sha256 mismatch (file is {got[:12]}..., manifest says "
                            f"{sha[:12]}...): corrupt or truncated")
-    return read_raw(p, margin=margin)
+    return read_raw(p, margin=margin, normalise=False)
 
 
-def process_frame(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
-                  saturation_margin: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
+             saturation_margin: float | None = None,
+             gain: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Decode, merge, demosaic, de-vignette and colour-correct one camera's frame.
 
-    Returns
-    -------
-    rgb : ``(3, H, W)`` float32 linear working-space radiance (not yet per unit light)
-    valid : ``(H, W)`` bool, False where every exposure saturated (or the 3x3 demosaic
-        neighbourhood of such a photosite)
-    Raises :class:`RawError` naming the file.
-    """
+    Returns three ``(H, W)`` float32 planes ``diag(gain) @ M @ (camera RGB / vignetting)`` and
+    the pixel validity (``(H, W)`` bool, or None when every pixel is valid). ``gain`` (3,)
+    folds the per-unit-light and storage scale into the colour matrix, so a stored image
+    costs no extra pass for them."""
     if not frame.files:
         raise RawError(f"frame {frame.index}: no files for camera {cam.name}")
-    raws, exps, sats = [], [], []
+    raws, exps = [], []
     for path, exposure, iso, sha in frame.files:
         r = _read_checked(path, sha, check_hashes, saturation_margin)
         shape = r.data.shape[:2]
@@ -322,19 +334,52 @@ def process_frame(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
             raise RawError(f"{path}: no exposure time in the manifest or the file")
         raws.append(r)
         exps.append(t * g)
-        sats.append(r.saturated)
-    merged = merge_bracket([r.data for r in raws], exps, sats, weighting="snr")
-    if raws[0].cfa is not None:
-        rgb = demosaic_bilinear(merged.radiance, raws[0].cfa)
-        valid = ~saturation_rgb(~merged.valid)
-    else:  # LibRaw-demosaiced fallback: (H, W, 3)
-        rgb = np.ascontiguousarray(np.moveaxis(merged.radiance, -1, 0))
-        valid = merged.valid
     c = cam.calib
     vig = _vig_cached(json.dumps({"K": c["K"], "v": c["vignetting"]}), cam.height, cam.width)
-    rgb /= vig
-    out = apply_colour(rgb, _calib_from(cam))
-    return out, valid
+    if raws[0].cfa is not None:
+        merged = merge_raw_snr([r.data for r in raws], [r.black_map for r in raws],
+                               [r.white for r in raws], [r.saturated for r in raws], exps)
+        planes = demosaic_planes(merged.radiance, raws[0].cfa)
+        valid = None if merged.valid.all() else ~saturation_rgb(~merged.valid)
+    else:  # LibRaw-demosaiced fallback: (H, W, 3)
+        merged = merge_bracket([r.data for r in raws], exps, [r.saturated for r in raws],
+                               weighting="snr")
+        planes = [np.ascontiguousarray(merged.radiance[..., k]) for k in range(3)]
+        valid = None if merged.valid.all() else merged.valid
+    inv_vig = vig[1]
+    cal = _calib_from(cam)
+    method = (cal.colour_method or "matrix-3x3").lower()
+    g3 = np.ones(3, np.float64) if gain is None else np.asarray(gain, np.float64).reshape(3)
+    if method in ("matrix-3x3", "matrix", "3x3"):
+        M = np.asarray(cal.colour_matrix, np.float64) * g3[:, None]
+        for k in range(3):
+            planes[k] = cv2.multiply(planes[k], inv_vig)
+        out = []
+        for i in range(3):  # out_i = sum_j M_ij plane_j, planar (no HWC transposes)
+            o = cv2.multiply(planes[0], float(M[i, 0]))
+            o = cv2.scaleAdd(planes[1], float(M[i, 1]), o)
+            out.append(cv2.scaleAdd(planes[2], float(M[i, 2]), o))
+        return out, valid
+    rgb = np.stack(planes) * inv_vig
+    res = apply_colour(rgb, cal)
+    return [np.ascontiguousarray(res[i] * np.float32(g3[i])) for i in range(3)], valid
+
+
+def process_frame(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
+                  saturation_margin: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, merge, demosaic, de-vignette and colour-correct one camera's frame.
+
+    Returns
+    -------
+    rgb : ``(3, H, W)`` float32 linear working-space radiance (not yet per unit light)
+    valid : ``(H, W)`` bool, False where every exposure saturated (or the 3x3 demosaic
+        neighbourhood of such a photosite)
+    Raises :class:`RawError` naming the file.
+    """
+    planes, valid = _develop(cam, frame, check_hashes, saturation_margin)
+    if valid is None:
+        valid = np.ones((cam.height, cam.width), bool)
+    return np.stack(planes), valid
 
 
 def _to_store(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
@@ -342,6 +387,20 @@ def _to_store(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
     if dtype == "float16":
         np.clip(y, -F16_MAX, F16_MAX, out=y)
     return y.astype(dtype)
+
+
+def _store_planes(planes: list[np.ndarray], dtype: str) -> np.ndarray:
+    """Planes already in stored units -> ``(3, H, W)`` array of ``dtype``; float16 is
+    clipped to its finite range (OpenCV's float16 conversion, ~10x numpy's here)."""
+    H, W = planes[0].shape
+    out = np.empty((len(planes), H, W), dtype)
+    for k, pl in enumerate(planes):
+        if dtype == "float16":
+            pl = np.clip(pl, -F16_MAX, F16_MAX)
+            cv2.add(pl, 0.0, dst=out[k], dtype=cv2.CV_16F)
+        else:
+            out[k] = pl
+    return out
 
 
 # ---- tasks ---------------------------------------------------------------------------------
@@ -362,31 +421,36 @@ def _arrays(store: str, group: str, run_id: str) -> _Arrays:
     return _Arrays({name: arr for name, arr in g.arrays()})
 
 
+def _gain(rgb: Any, scale: float) -> np.ndarray:
+    """Per-output-channel factor from radiance to stored units: 1 / (light rgb x scale)."""
+    return 1.0 / (np.asarray(rgb, np.float64) * float(scale))
+
+
 def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
     """Tracking phase of one camera: decode every tracking frame, flows reference -> frame
     (+ consistency), store them, the aligned tracking images and the foreground mask."""
-    import cv2
-
     cv2.setNumThreads(1)
     cam = spec.cameras[ci]
     g = _open_group(spec)
     T = len(spec.tracking)
     fcfg = align.FlowConfig(**spec.flow)
-    norm = np.asarray(spec.mean_light_rgb, np.float32)[:, None, None]
+    gain = _gain(spec.mean_light_rgb, spec.scale)
     bad: list[dict[str, Any]] = []
     H, W = cam.height, cam.width
-    zero_flow = np.zeros((H, W, 2), np.float32)
+    stride = int(g["flow"].attrs.get("stride", 1))
 
     def load(j):
         fr = spec.frames[spec.tracking[j]][cam.name]
-        return process_frame(cam, fr, spec.check_hashes, spec.saturation_margin)
+        # stored units (radiance / mean light rgb / scale); the flow only needs luminance
+        # up to a factor, so it is computed from these too
+        return _develop(cam, fr, spec.check_hashes, spec.saturation_margin, gain)
 
     # reference: the central tracking frame, or the closest decodable one
     order = sorted(range(T), key=lambda j: (abs(j - spec.reference), j))
     ref = None
     for j in order:
         try:
-            ref_rgb, ref_valid = load(j)
+            ref_planes, _ = load(j)
             ref = j
             break
         except RawError as e:
@@ -394,7 +458,7 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
                         "error": str(e)})
     if ref is None:
         return {"camera": ci, "reference": None, "bad": bad, "ok": [0] * T, "checksums": [0] * T}
-    lum = align.luminance(ref_rgb)
+    lum = align.luminance(np.stack(ref_planes))
     white = align.tone_white(lum)
     ref_u8 = align.tone_u8(lum, white)
     mask = (lum > spec.mask_threshold * white).astype(np.uint8) * 255
@@ -402,36 +466,40 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
     ok = [0] * T
     sums = [0] * T
     failed = {b["frame"] for b in bad}
+    zero_grid = np.zeros((2,) + align.flow_grid_shape(H, W, stride), np.float16)
     for j in range(T):
         if j != ref and spec.tracking[j] in failed:
             continue
         if j == ref:
-            rgb, valid = ref_rgb, ref_valid
+            planes = ref_planes
         else:
             try:
-                rgb, valid = load(j)
+                planes, _ = load(j)
             except RawError as e:
                 bad.append({"camera": cam.name, "frame": spec.tracking[j], "kind": "tracking",
                             "error": str(e)})
                 continue
         if spec.motion and j != ref:
-            u8 = align.tone_u8(align.luminance(rgb), white)
+            u8 = align.tone_u8(align.luminance(np.stack(planes)), white)
             fwd = align.compute_flow(ref_u8, u8, fcfg, mask > 0)
             # backward dense flow for the consistency test (a fitted model is checked
             # against what the pixels say)
             bwd = align.compute_flow(u8, ref_u8, replace(fcfg, model="dense"))
             cons = align.fb_consistency(fwd, bwd, fcfg.fb_threshold, fcfg.fb_relative)
-            rgb, inside = align.warp(rgb, fwd)
+            grid = align.encode_flow(fwd, stride)
+            # every image is warped with the flow as stored, so a reader can reproduce it
+            mx, my, inside = align.warp_maps(align.decode_flow(grid, H, W, stride))
+            planes = align.warp_planes(planes, mx, my)
             # the flow's validity only: a tracking frame clipped where every light is on
             # says nothing about the OLAT pixels aligned with it
-            fvalid = cons & inside
+            fvalid = cv2.bitwise_and(cons.view(np.uint8) * np.uint8(255), inside)
         else:
-            fwd = zero_flow
-            fvalid = np.ones((H, W), bool)
-        stored = _to_store(rgb / norm, spec.scale, spec.dtype)
-        g["tracking"][ci, j] = stored
-        g["flow"][ci, j] = np.ascontiguousarray(np.moveaxis(fwd, -1, 0))
-        g["flow_valid"][ci, j] = fvalid.astype(np.uint8) * 255
+            grid = zero_grid
+            fvalid = np.full((H, W), 255, np.uint8)
+        stored = _store_planes(planes, spec.dtype)
+        write_image(g["tracking"], (ci, j), stored)
+        g["flow"][ci, j] = grid
+        write_image(g["flow_valid"], (ci, j), fvalid)
         ok[j] = 1
         sums[j] = image_checksum(stored)
     g["tracking_ok"][ci] = np.asarray(ok, np.uint8)  # this camera's own chunk
@@ -439,27 +507,29 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=4)
-def _flow(store: str, group: str, run_id: str, ci: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flow ``(H, W, 2)`` and its validity for tracking frame j: consecutive OLAT tasks of a
-    camera share their two tracking frames, so a small per-worker cache saves most reads."""
+def _flow(store: str, group: str, run_id: str, ci: int, j: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Stored flow grid ``(2, h, w)`` float32, its ``(H, W)`` uint8 validity (255) and the
+    grid's stride for tracking frame j: consecutive OLAT tasks of a camera share their two
+    tracking frames, so a small per-worker cache saves most reads."""
     g = _arrays(store, group, run_id)
-    f = np.ascontiguousarray(np.moveaxis(g["flow"][ci, j], 0, -1))
-    return f, g["flow_valid"][ci, j] > 0
+    stride = int(g["flow"].attrs.get("stride", 1))
+    f = np.asarray(g["flow"][ci, j], np.float32)
+    v = np.asarray(g["flow_valid"][ci, j])
+    return f, v, stride
 
 
 def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
     """One OLAT image: decode, merge, colour, per unit light, warp to the reference, store."""
-    import cv2
-
     cv2.setNumThreads(1)
     cam = spec.cameras[ci]
     fidx = spec.olat[li]
     fr = spec.frames[fidx][cam.name]
+    H, W = cam.height, cam.width
     try:
-        rgb, valid = process_frame(cam, fr, spec.check_hashes, spec.saturation_margin)
+        planes, valid = _develop(cam, fr, spec.check_hashes, spec.saturation_margin,
+                                 _gain(spec.light_rgb[li], spec.scale))
     except RawError as e:
         return {"camera": ci, "light": li, "error": str(e), "frame": fidx}
-    rgb /= np.asarray(spec.light_rgb[li], np.float32)[:, None, None]
     g = _open_group(spec)
     if spec.motion:
         tok = np.asarray(g["tracking_ok"][ci]).astype(bool)
@@ -469,20 +539,25 @@ def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
                     "error": f"camera {cam.name}: no decodable tracking frame to align frame {fidx}"}
         ia, ib, s = align.bracketing(fidx, [spec.tracking[j] for j in good])
         ja, jb = good[ia], good[ib]
-        fa, ca = _flow(spec.store, spec.group, spec.run_id, ci, ja)
+        fa, ca, stride = _flow(spec.store, spec.group, spec.run_id, ci, ja)
         if jb != ja and s > 0:
-            fb, cb = _flow(spec.store, spec.group, spec.run_id, ci, jb)
-            flow = align.interpolate_flow(fa, fb, s)
-            cons = ca & cb
+            fb, cb, _ = _flow(spec.store, spec.group, spec.run_id, ci, jb)
+            # linear in time on the stored grid, then upsampled (both steps are linear)
+            grid = (np.float32(1 - s) * fa + np.float32(s) * fb)
+            cons = cv2.bitwise_and(ca, cb)
         else:
-            flow, cons = np.ascontiguousarray(fa), ca
-        rgb, inside = align.warp(rgb, flow)
-        v, _ = align.warp(valid.astype(np.float32), flow)
-        valid = cons & inside & (v > 0.999)
-    stored = _to_store(rgb, spec.scale, spec.dtype)
-    vmask = valid.astype(np.uint8) * 255
-    g["olat"][ci, li] = stored
-    g["valid"][ci, li] = vmask
+            grid, cons = fa, ca
+        mx, my, inside = align.warp_maps(align.decode_flow(grid, H, W, stride))
+        planes = align.warp_planes(planes, mx, my)
+        vmask = cv2.bitwise_and(cons, inside)
+        if valid is not None:
+            v = align.warp_planes([valid.astype(np.float32)], mx, my)[0]
+            vmask[v <= 0.999] = 0
+    else:
+        vmask = np.full((H, W), 255, np.uint8) if valid is None else valid.astype(np.uint8) * 255
+    stored = _store_planes(planes, spec.dtype)
+    write_image(g["olat"], (ci, li), stored)
+    write_image(g["valid"], (ci, li), vmask)
     return {"camera": ci, "light": li, "checksum": image_checksum(stored, vmask)}
 
 
@@ -654,7 +729,9 @@ def _plan(man: CaptureManifest, cal: Calibration, store: str, cfg: IngestConfig,
             "world2head_source": w2h_src,
             "tracking_normalisation": "tracking radiance / mean light_rgb (all lights at unit)",
             "mask_rule": f"reference tracking luminance > {cfg.mask_threshold} x its 99.5th percentile",
-            "flow_convention": "flow[c, j] (dx, dy): reference pixel x shows what frame j shows at x + flow(x)",
+            "flow_convention": "flow[c, j] (dx, dy): reference pixel x shows what frame j shows at "
+                               "x + flow(x); stored as float16 on a grid subsampled by flow.attrs"
+                               "['stride'], upsampled as flow.attrs['rule'] says",
             "done_codes": {"0": "to do", "1": "written", "2": "skipped (bad input)"},
             "checksum": "blake2b-64 (little-endian uint64) of the stored olat bytes then valid bytes",
         },
@@ -664,13 +741,17 @@ def _plan(man: CaptureManifest, cal: Calibration, store: str, cfg: IngestConfig,
     return spec, attrs, prov
 
 
-def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int) -> None:
+def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int,
+                  flow_stride: int = 1) -> None:
     t = default_tile(H, W)
     Hs, Ws = -(-H // t) * t, -(-W // t) * t
     zstd = [zarr.codecs.ZstdCodec(level=3)]
-    g.create_array("flow", shape=(C, T, 2, H, W), chunks=(1, 1, 2, t, t), shards=(1, 1, 2, Hs, Ws),
-                   dtype="float32", compressors=zstd, fill_value=0,
-                   dimension_names=("camera", "tracking_frame", "component", "y", "x"))
+    h, w = align.flow_grid_shape(H, W, flow_stride)
+    f = g.create_array("flow", shape=(C, T, 2, h, w), chunks=(1, 1, 2, h, w), dtype="float16",
+                       compressors=zstd, fill_value=0,
+                       dimension_names=("camera", "tracking_frame", "component", "fy", "fx"))
+    f.attrs.update({"stride": int(flow_stride), "units": "pixels (dx, dy)",
+                    "rule": align.FLOW_STORAGE_RULE})
     g.create_array("flow_valid", shape=(C, T, H, W), chunks=(1, 1, t, t), shards=(1, 1, Hs, Ws),
                    dtype="uint8", compressors=zstd, fill_value=0,
                    dimension_names=("camera", "tracking_frame", "y", "x"))
@@ -709,7 +790,7 @@ def _prepare_take(spec: _TakeSpec, attrs: dict, prov: dict, cfg: IngestConfig) -
                     cameras=[c.name for c in spec.cameras], n_lights=L, n_tracking=T, height=H,
                     width=W, attrs=attrs, dtype=spec.dtype, scale=spec.scale,
                     overwrite=cfg.overwrite)
-    _create_extra(g, C, T, L, H, W)
+    _create_extra(g, C, T, L, H, W, cfg.flow_stride)
     g.attrs["provenance"] = json.loads(json.dumps(provenance(**prov, skipped=[]), default=str))
     return g, False
 
@@ -772,6 +853,8 @@ def ingest(capture: str | Path, calibration: str | Path, out: str | Path, *,
     cfg = config or IngestConfig()
     if cfg.dtype not in ("float16", "float32"):
         raise IngestError(f"dtype must be float16 or float32, got {cfg.dtype!r}")
+    if int(cfg.flow_stride) < 1:
+        raise IngestError(f"flow_stride must be a positive integer, got {cfg.flow_stride!r}")
     t0 = time.perf_counter()
     out = str(out)
     cal = load_calibration(calibration)
@@ -930,6 +1013,16 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total) -> int:
         return done_count
     finally:
         flush()
+
+
+def read_flow(group: zarr.Group, camera: int, tracking_frame: int) -> np.ndarray:
+    """The per-pixel flow ``(H, W, 2)`` float32 (dx, dy) from the reference to one tracking
+    frame of an ingested take, as used to warp its images (stores from before the compact
+    flow layout, full-resolution float32 without a ``stride``, read the same way)."""
+    f = group["flow"]
+    stride = int(f.attrs.get("stride", 1))
+    H, W = group["olat"].shape[-2:]
+    return align.decode_flow(np.asarray(f[camera, tracking_frame], np.float32), H, W, stride)
 
 
 # ---- verify --------------------------------------------------------------------------------

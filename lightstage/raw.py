@@ -30,6 +30,7 @@ Bayer-patterned color images (bilinear baseline, section 2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -42,6 +43,7 @@ __all__ = [
     "normalise_mosaic",
     "cfa_masks",
     "demosaic_bilinear",
+    "demosaic_planes",
     "saturation_rgb",
     "mosaic_from_rgb",
 ]
@@ -73,6 +75,12 @@ class RawFrame:
     black, white : float
         Mean black level and the white level in DN (for reports).
     path : str
+    black_map : float or ndarray or None
+        The black level to subtract: a scalar, or ``(H, W)`` per photosite when the channels'
+        levels differ (set by :func:`read_raw`).
+    normalised : bool
+        False when ``data`` holds the raw DN (``read_raw(..., normalise=False)``); then
+        ``(data - black_map) / (white - black_map)`` is the normalised value.
     """
 
     data: np.ndarray
@@ -83,6 +91,8 @@ class RawFrame:
     black: float
     white: float
     path: str = ""
+    black_map: float | np.ndarray | None = None
+    normalised: bool = True
 
 
 def cfa_masks(cfa: str, height: int, width: int) -> np.ndarray:
@@ -131,7 +141,7 @@ def _bayer_string(pattern: np.ndarray, desc: str) -> str | None:
     return s if s in _CFA else None
 
 
-def read_raw(path: str | Path, margin: float | None = None) -> RawFrame:
+def read_raw(path: str | Path, margin: float | None = None, normalise: bool = True) -> RawFrame:
     """Decode a camera raw file (anything LibRaw reads) to a normalised linear mosaic.
 
     Parameters
@@ -171,7 +181,8 @@ def read_raw(path: str | Path, margin: float | None = None) -> RawFrame:
         cfa = _bayer_string(np.asarray(pattern) if pattern is not None else None, desc)
         if mosaic.ndim != 2 or cfa is None:
             rgb, sat = _postprocess_linear(raw, path)
-            return RawFrame(rgb, sat, None, exposure, iso, float(blacks.mean()), white, str(path))
+            return RawFrame(rgb, sat, None, exposure, iso, float(blacks.mean()), white, str(path),
+                            black_map=0.0)
     finally:
         raw.close()
     if white <= blacks.max():
@@ -179,8 +190,13 @@ def read_raw(path: str | Path, margin: float | None = None) -> RawFrame:
     if margin is None:
         margin = max(1.0, 0.005 * (white - float(blacks.max())))
     black_map = blacks[colors] if np.ptp(blacks) > 0 else float(blacks[0])
+    if not normalise:
+        sat = mosaic >= (white - margin)
+        return RawFrame(mosaic, sat, cfa, exposure, iso, float(blacks.mean()), white, str(path),
+                        black_map=black_map, normalised=False)
     value, sat = normalise_mosaic(mosaic, black_map, white, margin)
-    return RawFrame(value, sat, cfa, exposure, iso, float(blacks.mean()), white, str(path))
+    return RawFrame(value, sat, cfa, exposure, iso, float(blacks.mean()), white, str(path),
+                    black_map=black_map)
 
 
 def _postprocess_linear(raw, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +226,30 @@ def _nconv(plane: np.ndarray, mask: np.ndarray, k: np.ndarray) -> np.ndarray:
     num = cv2.filter2D(plane * mask, cv2.CV_32F, k, borderType=cv2.BORDER_REFLECT_101)
     den = cv2.filter2D(mask, cv2.CV_32F, k, borderType=cv2.BORDER_REFLECT_101)
     return num / np.maximum(den, np.float32(1e-12))
+
+
+@lru_cache(maxsize=8)
+def _cfa_masks_cached(cfa: str, height: int, width: int) -> np.ndarray:
+    m = cfa_masks(cfa, height, width)
+    m.flags.writeable = False
+    return m
+
+
+def demosaic_planes(mosaic: np.ndarray, cfa: str) -> list[np.ndarray]:
+    """Bilinear demosaic as three ``(H, W)`` float32 planes (R, G, B); equal to
+    :func:`demosaic_bilinear`.
+
+    The normalised convolution's denominator (the kernel summed over a colour's photosites) is
+    exactly 1 at every pixel of a Bayer mosaic, borders included: the bilinear kernels weigh
+    each colour's neighbours to a sum of 1, and ``BORDER_REFLECT_101`` mirrors about the edge
+    photosite, which keeps the pattern's parity. So one ``filter2D`` per colour suffices."""
+    m = np.asarray(mosaic, np.float32)
+    H, W = m.shape
+    if H < 2 or W < 2:
+        return list(demosaic_bilinear(m, cfa))
+    masks = _cfa_masks_cached(cfa, H, W)
+    return [cv2.filter2D(cv2.multiply(m, masks[c]), cv2.CV_32F, _K_G if c == 1 else _K_RB,
+                         borderType=cv2.BORDER_REFLECT_101) for c in range(3)]
 
 
 def demosaic_bilinear(mosaic: np.ndarray, cfa: str) -> np.ndarray:

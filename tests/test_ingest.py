@@ -22,7 +22,7 @@ from lightstage import align
 from lightstage.calibfile import CameraCalibration, save_calibration
 from lightstage.camera import project
 from lightstage.ingest import (DONE_SKIPPED, DONE_WRITTEN, IngestConfig, IngestError,
-                               apply_colour, ingest, verify_store, vignetting_map)
+                               apply_colour, ingest, read_flow, verify_store, vignetting_map)
 from lightstage.rig import builtin_rig
 from lightstage.store import open_take
 
@@ -157,8 +157,8 @@ def test_motion_residual_against_true_motion(twin_moving, tmp_path):
         ur = proj(refs[c])
         for f in of:
             ia, ib, s = align.bracketing(f, tf)
-            F = align.interpolate_flow(np.moveaxis(g["flow"][c, ia], 0, -1),
-                                       np.moveaxis(g["flow"][c, ib], 0, -1), s)
+            # the flow as stored (float16 grid, upsampled by the documented rule)
+            F = align.interpolate_flow(read_flow(g, c, ia), read_flow(g, c, ib), s)
             m = cv2.remap(F, ur[:, :1].astype(np.float32), ur[:, 1:].astype(np.float32),
                           cv2.INTER_LINEAR)[:, 0]
             uf = proj(f)

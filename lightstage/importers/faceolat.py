@@ -185,11 +185,12 @@ def import_faceolat(root: str | Path, out: str | Path, *, subject: str | None = 
                     calibration: str | Path | Calibration | None = None, dtype: str = "float16",
                     scale: float | None = None, motion: bool = True, overwrite: bool = False,
                     tracking_fraction: float = 0.5, flow: align.FlowConfig | None = None,
-                    mask_threshold: float = 0.05) -> str:
+                    mask_threshold: float = 0.05, flow_stride: int = 4) -> str:
     """Import a FaceOLAT tree as take ``<ID>/<take>`` of the store ``out``; returns the group path.
 
     Parameters are described in the module docstring; ``colour_matrix`` may be an array or a
-    file path (default: looked up in the tree, else identity)."""
+    file path (default: looked up in the tree, else identity). Flows are stored as ls-ingest
+    stores them (float16 on a grid subsampled by ``flow_stride``)."""
     tree = scan_faceolat(root, subject)
     N = len(tree.light_positions)
     olat: dict[int, int] = {}
@@ -273,7 +274,7 @@ def import_faceolat(root: str | Path, out: str | Path, *, subject: str | None = 
                     n_tracking=max(len(tracking), 1), height=H, width=W, attrs=attrs, dtype=dtype,
                     scale=scale, overwrite=overwrite)
     C, T, L = len(tree.cameras), max(len(tracking), 1), len(lights)
-    _create_extra(g, C, T, L, H, W)
+    _create_extra(g, C, T, L, H, W, flow_stride)
     g.attrs["provenance"] = json.loads(json.dumps(provenance(
         source=str(tree.root), inputs_sha256=inputs, skipped=skipped), default=str))
 
@@ -305,6 +306,8 @@ def import_faceolat(root: str | Path, out: str | Path, *, subject: str | None = 
                     fw = align.compute_flow(ref_u8, u8, fcfg, lum > mask_threshold * white)
                     bw = align.compute_flow(u8, ref_u8, align.FlowConfig(**{**vars(fcfg), "model": "dense"}))
                     ok = align.fb_consistency(fw, bw, fcfg.fb_threshold, fcfg.fb_relative)
+                    # stored compactly (ls-ingest's rule); every image uses the stored flow
+                    fw = align.decode_flow(align.encode_flow(fw, flow_stride), H, W, flow_stride)
                     img, inside = align.warp(img, fw)
                     ok &= inside
                 else:
@@ -312,7 +315,7 @@ def import_faceolat(root: str | Path, out: str | Path, *, subject: str | None = 
                 flows[j], cons[j] = fw, ok
                 s = store(img / norm)
                 g["tracking"][ci, j] = s
-                g["flow"][ci, j] = np.ascontiguousarray(np.moveaxis(fw, -1, 0))
+                g["flow"][ci, j] = align.encode_flow(fw, flow_stride)
                 g["flow_valid"][ci, j] = ok.astype(np.uint8) * 255
                 tsums[ci, j] = image_checksum(s)
             g["tracking_ok"][ci] = np.ones(T, np.uint8)
