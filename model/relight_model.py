@@ -17,7 +17,8 @@ so the reflectance decoder runs on a fraction of the prior's 2 x 24..48 samples 
 
 Relighting follows the store's radiometry: ``relit = sum_i E_i OLAT_i`` with ``E_i`` the
 environment radiance integrated (solid-angle weighted) over the sphere region closest to light
-i (``lightstage.relight.light_weights`` when present, :func:`light_weights` here otherwise).
+i: ``lightstage.relight.light_weights``, re-exported here as :func:`light_weights` (one
+implementation: solid-angle exact, cached assignment).
 
 References
 ----------
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lightstage.relight import light_weights  # re-exported: model code relights with it
 from model.reflectance import GeometrySamples, ReflectanceNet, march_density
 
 __all__ = [
@@ -146,31 +148,6 @@ class DensityGeometry:
     def samples(self, ti: int, origins: torch.Tensor, dirs: torch.Tensor) -> GeometrySamples:
         s = march_density(self.density_fns[ti], origins, dirs, self.near, self.far, self.n_samples)
         return prune_samples(s, self.max_samples)
-
-
-def light_weights(env: np.ndarray, light_dirs: np.ndarray) -> np.ndarray:
-    """Per-light RGB weights E_i (L, 3) of an equirect environment (H, W, 3): the map's radiance
-    integrated with solid-angle weights over the pixels closest to each light (Voronoi).
-
-    Uses ``lightstage.relight.light_weights`` when that module exists (the project's reference
-    implementation); this fallback follows the same definition (uniform radiance 1 -> sum 4 pi).
-    """
-    try:
-        from lightstage.relight import light_weights as lw  # type: ignore
-
-        return np.asarray(lw(env, light_dirs), dtype=np.float64)
-    except ImportError:
-        pass
-    from lightstage.envmap import equirect_directions, solid_angles
-
-    env = np.asarray(env, dtype=np.float64)
-    H, W = env.shape[:2]
-    d = equirect_directions(H, W).reshape(-1, 3)
-    sa = np.broadcast_to(solid_angles(H, W), (H, W)).reshape(-1)
-    nearest = np.argmax(d @ np.asarray(light_dirs, dtype=np.float64).T, axis=1)
-    E = np.zeros((len(light_dirs), 3))
-    np.add.at(E, nearest, env.reshape(-1, 3) * sa[:, None])
-    return E
 
 
 @dataclass
