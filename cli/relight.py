@@ -174,9 +174,15 @@ def _strip(frames: list[np.ndarray], max_frames: int = 8, height: int = 256) -> 
               help="PORTRAIT: model folder (default: the bundled model)")
 @click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
               help="PORTRAIT: latent optimisation steps after the encoder")
+@click.option("--input-env", "input_env_spec", type=str, default=None,
+              help="PORTRAIT: the photo's own lighting, if known (map file or built-in name, same "
+                   "units as --env): outputs are then in the photo's exposure; default: estimated "
+                   "from the photo, outputs at the model's albedo level")
+@click.option("--detail/--no-detail", default=True, show_default=True,
+              help="PORTRAIT: keep the photo's per-pixel detail in the relit frames")
 def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_exposure, rotate,
          turntable, axis, camera, crop, method, uncovered, coverage_angle, exposure, tonemap, video, fps, half, cache_dir,
-         max_memory, allow_incomplete, out, overwrite, list_envs, views, model_dir, refine):
+         max_memory, allow_incomplete, out, overwrite, list_envs, views, model_dir, refine, input_env_spec, detail):
     """Relight a captured subject from an OLAT store (or a PORTRAIT, with the model) under an
     HDR environment map."""
     from lightstage import envmap as E
@@ -234,9 +240,22 @@ def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_e
     if env_exposure:
         env = E.exposure(env, env_exposure)
     if portrait:
-        with console.status("lifting the portrait into the model (face, inversion, basis)"):
+        input_env = None
+        if input_env_spec is not None:
+            try:
+                input_env = E.load_environment(input_env_spec, height=env_height, layout=env_layout)
+            except E.EnvMapError as e:
+                raise click.BadParameter(str(e), param_hint="--input-env") from None
+        with console.status("lifting the portrait into the model (face, inversion, basis, exposure)"):
             source = open_portrait_source(portrait, camera=camera, model=model_dir, refine=refine,
-                                          views=views)
+                                          views=views, input_env=input_env, detail=detail)
+        cal = getattr(source, "calibration", {}) or {}
+        if cal:
+            console.print(f"exposure convention: input lighting {cal['input_lighting']} "
+                          f"({'photo units' if cal['input_lighting'] == 'known' else 'model albedo level'}); "
+                          f"model vs photo under it {cal['fit_psnr_db']:.1f} dB")
+    elif input_env_spec is not None:
+        raise click.UsageError("--input-env is for a PORTRAIT (a capture's lighting is measured)")
     else:
         try:
             tk = open_take(store, subject, take)
@@ -362,6 +381,7 @@ def main(portrait, store, subject, take, env_spec, env_layout, env_height, env_e
     if portrait:
         report["portrait"] = {"views": list(source.views), "camera": source.camera,
                               "reconstruction_psnr_db": source.recon_psnr, "refine_steps": refine,
+                              "exposure": getattr(source, "calibration", {}),
                               "model": str(source.bundle.path), "seconds": source.timings}
     (out_dir / "relight.json").write_text(json.dumps(report, indent=1) + "\n")
     console.print(f"wrote {n_frames} frame(s) to {out_dir} (display: {tonemap}, {ev:+.2f} EV; "
