@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lightstage.twin import _kernels as _k
 from lightstage.twin._cubemap import CubeMap, Lookup
 
 __all__ = ["StarSurface"]
@@ -67,9 +68,8 @@ class StarSurface:
 
     def f(self, x: np.ndarray) -> np.ndarray:
         """Implicit function at points (M, 3) -> (M,) (positive outside)."""
-        rel = x - self.centre
-        rho = np.sqrt(np.einsum("ij,ij->i", rel, rel))
-        return rho - self.lookup(rel).sample1(self.R)
+        rel = np.asarray(x, dtype=np.float64) - self.centre
+        return _k.star_f(rel.reshape(-1, 3), self.R, self.cube.n, self.cube.p)
 
     def surface_points(self, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Surface points (M, 3) and unit normals (M, 3) along unit directions (M, 3)."""
@@ -112,29 +112,12 @@ class StarSurface:
         converge only linearly). ``final_check=False`` skips the last evaluation and returns
         |f| *before* the last step (the error after it is far smaller).
         """
-        t = np.array(t, dtype=np.float64)
-        x = o + d * t[:, None]
-        rel = x - self.centre
-        rho = np.sqrt(np.einsum("ij,ij->i", rel, rel))
-        g = self.lookup(rel).sample(self.geo)  # R, g: one record gather per corner
-        f = rho - g[:, 0]
-        dfdt = np.einsum("ij,ij->i", d, rel) / rho - (g[:, 0] / rho) * np.einsum(
-            "ij,ij->i", d, g[:, 1:]
-        )
-        # a tangent ray has dfdt ~ 0: damp instead of flying off
-        dfdt = np.where(np.abs(dfdt) < 0.05, np.copysign(0.05, dfdt), dfdt)
-        t_prev, f_prev = t, f
-        t = t - f / dfdt
-        for k in range(1, iterations):
-            f = self.f(o + d * t[:, None])
-            den = f - f_prev
-            ok = np.abs(den) > 1e-15
-            step = np.where(ok, f * (t - t_prev) / np.where(ok, den, 1.0), 0.0)
-            t_prev, f_prev = t, f
-            t = t - step
-        if not final_check:
-            return t, np.abs(f_prev)
-        return t, np.abs(self.f(o + d * t[:, None]))
+        d = np.asarray(d, dtype=np.float64)
+        o = np.broadcast_to(np.asarray(o, dtype=np.float64), d.shape)
+        t = np.broadcast_to(np.asarray(t, dtype=np.float64), d.shape[:1])
+        # compiled: the same maths as the docstring, one loop per ray (_kernels.star_newton)
+        return _k.star_newton(o, d, t, self.centre, self.geo, self.R, self.cube.n, self.cube.p,
+                              int(iterations), bool(final_check))
 
     def march(
         self,
@@ -155,112 +138,17 @@ class StarSurface:
         so no hit is skipped; once within ``_NEAR`` of the surface, Newton finishes.
         """
         m = d.shape[0]
+        d = np.asarray(d, dtype=np.float64)
         o = np.broadcast_to(np.asarray(o, dtype=np.float64), (m, 3))
-        t0, t1 = self.bound(o, d)
-        if t_start is not None:
-            t0 = np.maximum(t0, t_start)
-        if t_end is not None:
-            t1 = np.minimum(t1, t_end)
-        out = np.full(m, np.inf)
-        act = np.flatnonzero(np.isfinite(t0) & (t1 > t0))
-        t = t0[act]
-        t_prev = t.copy()
-        f_prev = np.zeros(act.size)  # f at the last accepted point (0: none yet)
-        near = _NEAR if near is None else near
-        creep = relax == 1.0 and near < _NEAR
-        relax = np.full(act.size, _RELAX if relax is None else relax)
-        inv_l = 1.0 / self.lipschitz
-        cap = _STEP_ANGLE / (1 + _STEP_ANGLE)
-        R = self.R
-        lloc = self.lloc
-        found_i, found_t, found_a, found_fa, found_fb = [], [], [], [], []
-        min_step = _MIN_STEP
-        for it in range(max_steps):
-            if act.size == 0:
-                break
-            if it >= _CRAWL_AFTER:
-                # the few rays still going are crawling along a surface they graze: let the
-                # step floor grow so they finish (slivers thinner than it may be skipped)
-                min_step *= _CRAWL_GROWTH
-            rel = o[act] + d[act] * t[:, None] - self.centre
-            rho = np.sqrt(np.einsum("ij,ij->i", rel, rel))
-            lk = self.lookup(rel)
-            f = rho - lk.sample1(R)
-            bound_l = lloc[lk.idx[0]]
-            # relaxed step too long: unbounding spheres do not overlap -> redo it safely
-            bad = (relax > 1) & ((np.abs(f) + f_prev) / bound_l < t - t_prev)
-            hit = ~bad & (f < near)
-            if creep:
-                # a grazing ray that moves away from the surface again has passed it
-                gone = ~hit & (f > f_prev) & (f_prev > 0)
-            else:
-                gone = None
-            if hit.any():
-                found_i.append(act[hit])
-                found_t.append(t[hit])
-                found_a.append(t_prev[hit])
-                found_fa.append(f_prev[hit])
-                found_fb.append(f[hit])
-            # safe step from the last accepted point for the bad ones
-            safe = np.maximum(f_prev / bound_l, min_step)
-            step = np.minimum(f / bound_l, cap * rho)
-            step = np.maximum(np.maximum(step, f * inv_l), min_step)
-            t_new = np.where(bad, t_prev + safe, t + relax * step)
-            relax = np.where(bad, 1.0, relax)
-            t_prev = np.where(bad, t_prev, t)
-            f_prev = np.where(bad, f_prev, f)
-            keep = ~hit & (t_new < t1[act])
-            if gone is not None:
-                keep &= ~gone
-            act, t, t_prev, f_prev, relax = act[keep], t_new[keep], t_prev[keep], f_prev[keep], relax[keep]
-        if not found_i:
-            return out
-        idx = np.concatenate(found_i)
-        tt = np.concatenate(found_t)
-        fb = np.concatenate(found_fb)
-        cross = fb < -_NEAR_FINE
-        if cross.any():
-            # the step crossed the surface (a kink of the bilinear surface can beat the slope
-            # bound slightly): Illinois regula falsi inside [last outside point, t]
-            ci = np.flatnonzero(cross)
-            a = np.concatenate(found_a)[ci]
-            fa = np.concatenate(found_fa)[ci]
-            b, fb_ = tt[ci], fb[ci]
-            oc, dc = o[idx[ci]], d[idx[ci]]
-            for _ in range(12):
-                tm = b - fb_ * (b - a) / (fb_ - fa)
-                fm = self.f(oc + dc * tm[:, None])
-                inside = fm < 0
-                fa = np.where(inside, fa * 0.5, fm)
-                a = np.where(inside, a, tm)
-                b = np.where(inside, tm, b)
-                fb_ = np.where(inside, fm, fb_ * 0.5)
-            tt[ci] = np.where(np.abs(fa) < np.abs(fb_), a, b)
-        if polish:
-            tn, err = self.newton(o[idx], d[idx], tt, iterations=3)
-            # Newton from within _NEAR converges to this first hit unless the ray is grazing;
-            # there keep the marched point (within _NEAR of the surface)
-            ok = (err < 1e-6) & (tn > tt - 4 * near) & (tn < tt + 4 * near)
-            out[idx[ok]] = tn[ok]
-            if not ok.all() and near > _NEAR_FINE:
-                # grazing rays: creep on with safe steps from the (safe) marched point over a
-                # short stretch; beyond it, march normally (the ray may hit something behind)
-                j = idx[~ok]
-                tj = tt[~ok]
-                te = tj + _CREEP
-                if t_end is not None:
-                    te = np.minimum(te, np.broadcast_to(t_end, (m,))[j])
-                tc = self.march(o[j], d[j], t_end=te, t_start=tj, polish=False,
-                                near=_NEAR_FINE, relax=1.0, max_steps=max_steps)
-                out[j] = tc
-                on = np.isinf(tc)
-                if on.any():
-                    k = j[on]
-                    out[k] = self.march(o[k], d[k], t_start=te[on], max_steps=max_steps,
-                                        t_end=None if t_end is None else np.broadcast_to(t_end, (m,))[k])
-            return out
-        out[idx] = tt
-        return out
+        ts = np.broadcast_to(np.asarray(-np.inf if t_start is None else t_start, np.float64), (m,))
+        te = np.broadcast_to(np.asarray(np.inf if t_end is None else t_end, np.float64), (m,))
+        # compiled, one loop per ray (_kernels.star_march): the algorithm described above
+        return _k.star_march(
+            o, d, ts, te, int(max_steps), bool(polish), _NEAR if near is None else float(near),
+            _RELAX if relax is None else float(relax), self.centre, self.geo, self.R, self.lloc,
+            self.cube.n, self.cube.p, self.r_max, 1.0 / self.lipschitz,
+            _STEP_ANGLE / (1 + _STEP_ANGLE), _MIN_STEP, _CRAWL_AFTER, _CRAWL_GROWTH, _NEAR_FINE,
+            _NEAR, _CREEP)
 
 
 def _log_gradient(cube: CubeMap, radius: np.ndarray) -> np.ndarray:

@@ -68,6 +68,7 @@ from scipy.ndimage import minimum_filter
 
 from lightstage.camera import project, undistort_normalised
 from lightstage.rig import Camera
+from lightstage.twin import _kernels as _k
 from lightstage.twin._cubemap import CubeMap, Lookup
 from lightstage.twin._star import StarSurface
 from lightstage.twin.scene import check_lights, check_pose
@@ -345,63 +346,41 @@ class StarScene:
         S = self.surface
         Ti = np.linalg.inv(T)
         t_rest, _ = self._rest(camera, key)
-        shift = self._pixel_shift(camera, T, t_rest)
+        H, W = camera.resolution
+        o_w = camera.centre
+        K, c2w = camera.K_array, camera.cam2world_array
+        dist = np.zeros(5)
+        dist[: min(5, len(camera.distortion))] = np.asarray(camera.distortion, np.float64)[:5]
+        w2c = np.linalg.inv(c2w)
+        T = np.ascontiguousarray(T, dtype=np.float64)
+        # how far the visible surface moves in the image (px); +1 px of margin
+        shift = 1.0 + max(
+            (_k.rest_shift(t_rest[r0:r1].ravel(), self._rays(camera, key, r0, r1)[1], r0, W,
+                           o_w, T, w2c, K, dist) for r0, r1 in self._blocks(H, W)),
+            default=0.0)
         if shift > MAX_INCREMENTAL_SHIFT:
             return self._coarse_to_fine(camera, key, Ti)
-        H, W = camera.resolution
         m = int(np.ceil(shift)) + 2
         disp = self._displacement(T)
-        o_w = camera.centre
         o_s = Ti[:3, :3] @ o_w + Ti[:3, 3]
-        K, dist, c2w = camera.K_array, camera.distortion, camera.cam2world_array
         t_out = np.full((H, W), np.inf, np.float32)
         for r0, r1 in self._blocks(H, W):
             s0, s1 = max(0, r0 - m), min(H, r1 + m)
-            ts = t_rest[s0:s1].ravel()
-            j = np.flatnonzero(np.isfinite(ts))
-            if j.size == 0:
-                continue
             _, d_src = self._rays(camera, key, s0, s1)
-            X = o_w + d_src[j] * ts[j][:, None].astype(np.float64)  # rest points = subject
-            uv, z = project(X @ T[:3, :3].T + T[:3, 3], K, dist, c2w)
-            iu = np.rint(uv[:, 0]).astype(np.int64)
-            iv = np.rint(uv[:, 1]).astype(np.int64)
-            inb = (iu >= 0) & (iu < W) & (iv >= r0) & (iv < r1) & (z > 0)
-            j, X, z, iu, iv = j[inb], X[inb], z[inb], iu[inb], iv[inb]
-            nb = (r1 - r0) * W
-            # depth test: key = quantised depth, low bits = sample number (exact in float64)
-            bits = float(1 << int(np.ceil(np.log2(max(j.size, 2)))))
-            keyz = np.floor(z * 1e6) * bits + np.arange(j.size)
-            best = np.full(nb, np.inf)
-            np.minimum.at(best, (iv - r0) * W + iu, keyz)
-            best = best.reshape(r1 - r0, W)
-            filled = minimum_filter(best, size=3, mode="constant", cval=np.inf)
-            best = np.where(np.isfinite(best), best, filled).ravel()
-            pix = np.flatnonzero(np.isfinite(best))
-            if pix.size == 0:
-                continue
-            sid = np.mod(best[pix], bits).astype(np.int64)
             _, d_blk = self._rays(camera, key, r0, r1)
-            d_s = d_blk[pix] @ Ti[:3, :3].T
-            guess = np.einsum("ij,ij->i", d_s, X[sid] - o_s)
-            t_blk = np.full(nb, np.inf)
-            # Newton from the splatted guess puts each pixel exactly on the surface it sees
-            tn, err = S.newton(np.broadcast_to(o_s, (pix.size, 3)), d_s, guess, iterations=3)
-            ok = (err < 2e-6) & (np.abs(tn - guess) < 0.01)
-            t_blk[pix[ok]] = tn[ok]
-            # the rest (silhouettes, newly uncovered surface) is marched in a short window
-            bad = pix[~ok]
+            # compiled splat + depth test + Newton (the maths of the docstring)
+            t_blk, bad, lo = _k.posed_geometry(
+                t_rest[s0:s1].ravel(), d_src, s0, o_w, T, w2c, K, dist, d_blk, r0, r1, W, Ti,
+                S.centre, S.geo, S.R, S.cube.n, S.cube.p, 2e-6, 0.01)
+            bad = np.flatnonzero(bad)
             if bad.size:
-                gimg = t_blk.copy()
-                gimg[pix] = guess
-                gimg = gimg.reshape(r1 - r0, W)
-                # nearer surface than the 3x3 splat minimum would have been splatted itself
-                lo = minimum_filter(gimg, size=3, mode="constant", cval=np.inf).ravel()[bad]
-                # no end bound: past a silhouette the ray may meet surface that no rest pixel
-                # nearby saw (the far side of the head). A ray still undecided after
-                # _FALLBACK_STEPS steps is crawling along a silhouette it never touches.
+                # silhouettes and newly uncovered surface are marched in a short window from
+                # the nearest neighbouring splat (a nearer surface would have been splatted
+                # itself); no end bound: past a silhouette the ray may meet surface that no
+                # rest pixel nearby saw (the far side of the head). A ray still undecided
+                # after _FALLBACK_STEPS steps is crawling along a silhouette it never touches.
                 t_blk[bad] = S.march(o_s, d_blk[bad] @ Ti[:3, :3].T, max_steps=_FALLBACK_STEPS,
-                                     t_start=lo - disp - 0.003)
+                                     t_start=lo[bad] - disp - 0.003)
             t_out[r0:r1] = t_blk.reshape(r1 - r0, W)
         return t_out
 

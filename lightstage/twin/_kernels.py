@@ -1,0 +1,597 @@
+"""Compiled per-pixel loops of the twin's renderer (numba; internal helper).
+
+The renderer's algorithms are described in :mod:`lightstage.twin.render` and
+:mod:`lightstage.twin._star`; these kernels run the hot ones as scalar loops instead of many
+whole-array numpy passes (each numpy pass over ~80k pixels reads and writes every temporary,
+so a Newton step costs ~20 passes; here it is one loop with everything in registers):
+
+* cube-map bilinear lookups (the same face / texel / weight rules as
+  :meth:`lightstage.twin._cubemap.CubeMap.lookup`),
+* the star surface's implicit function and its Newton/secant refinement
+  (:meth:`StarSurface.newton`),
+* the moved-subject geometry pass (splat the rest pass's points with a depth test, Newton
+  along every pixel's own ray; :meth:`StarScene._posed_t`),
+* G-buffer assembly (normals, materials, visibility lookups),
+* shadow maps and their PCF test (:meth:`StarScene._compute_visibility`),
+* shading (:func:`lightstage.twin.render._shade`): per light, per pixel, the same float32
+  expression whichever other lights are rendered with it (superposition stays exact), summed
+  into float64.
+
+All kernels are compiled with ``cache=True`` (the machine code is stored next to this file
+in ``__pycache__``, so only the first run on a machine pays the compile) and without
+fastmath, so results are IEEE-deterministic: same inputs, same bytes, in any process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+__all__ = [
+    "star_f",
+    "star_f_lloc",
+    "star_newton",
+    "rest_shift",
+    "posed_geometry",
+    "gbuffer",
+    "shadow_table",
+    "shade",
+]
+
+_jit = nb.njit(cache=True, nogil=True, error_model="numpy")
+
+
+@nb.njit(cache=True, nogil=True)
+def _lookup(x, y, z, n, p):
+    """Cube-map bilinear lookup of direction (x, y, z): base texel index and weights (wu, wv)
+    (corners base, base + 1, base + p, base + p + 1)."""
+    ax, ay, az = abs(x), abs(y), abs(z)
+    if ax >= ay and ax >= az:
+        major, sb, sc, face = x, y, z, 0
+    elif ay >= az:
+        major, sb, sc, face = y, z, x, 2
+    else:
+        major, sb, sc, face = z, x, y, 4
+    if major < 0:
+        face += 1
+    h = n * 0.5
+    inv = h / abs(major)
+    fu = sb * inv + (h + 0.5)
+    fv = sc * inv + (h + 0.5)
+    iu = min(int(fu), n)
+    iv = min(int(fv), n)
+    return face * (p * p) + iv * p + iu, fu - iu, fv - iv
+
+
+@nb.njit(cache=True, nogil=True)
+def _sample1(tab, b, wu, wv, p):
+    return ((1 - wu) * (1 - wv) * tab[b] + wu * (1 - wv) * tab[b + 1]
+            + (1 - wu) * wv * tab[b + p] + wu * wv * tab[b + p + 1])
+
+
+@nb.njit(cache=True, nogil=True)
+def _f_at(ox, oy, oz, dx, dy, dz, t, c, R, n, p):
+    rx = ox + dx * t - c[0]
+    ry = oy + dy * t - c[1]
+    rz = oz + dz * t - c[2]
+    rho = math.sqrt(rx * rx + ry * ry + rz * rz)
+    b, wu, wv = _lookup(rx, ry, rz, n, p)
+    return rho - _sample1(R, b, wu, wv, p)
+
+
+@_jit
+def star_f(rel, R, n, p):
+    """f = |rel| - R(rel / |rel|) at points relative to the centre, rel (M, 3) -> (M,)."""
+    m = rel.shape[0]
+    out = np.empty(m)
+    for i in range(m):
+        x, y, z = rel[i, 0], rel[i, 1], rel[i, 2]
+        b, wu, wv = _lookup(x, y, z, n, p)
+        out[i] = math.sqrt(x * x + y * y + z * z) - _sample1(R, b, wu, wv, p)
+    return out
+
+
+@_jit
+def star_f_lloc(rel, R, lloc, n, p):
+    """f (as :func:`star_f`) and the local slope bound of the lookup's first texel, (M,) each."""
+    m = rel.shape[0]
+    f = np.empty(m)
+    bl = np.empty(m, np.float32)
+    for i in range(m):
+        x, y, z = rel[i, 0], rel[i, 1], rel[i, 2]
+        b, wu, wv = _lookup(x, y, z, n, p)
+        f[i] = math.sqrt(x * x + y * y + z * z) - _sample1(R, b, wu, wv, p)
+        bl[i] = lloc[b]
+    return f, bl
+
+
+@nb.njit(cache=True, nogil=True)
+def _newton1(ox, oy, oz, dx, dy, dz, t, c, geo, R, n, p, iterations):
+    """One ray's Newton + secant refinement (the maths of StarSurface.newton); returns
+    (t, f before the last step)."""
+    rx = ox + dx * t - c[0]
+    ry = oy + dy * t - c[1]
+    rz = oz + dz * t - c[2]
+    rho = math.sqrt(rx * rx + ry * ry + rz * rz)
+    b, wu, wv = _lookup(rx, ry, rz, n, p)
+    w00, w01, w10, w11 = (1 - wu) * (1 - wv), wu * (1 - wv), (1 - wu) * wv, wu * wv
+    g = np.empty(4)
+    for k in range(4):
+        g[k] = w00 * geo[b, k] + w01 * geo[b + 1, k] + w10 * geo[b + p, k] + w11 * geo[b + p + 1, k]
+    f = rho - g[0]
+    dfdt = (dx * rx + dy * ry + dz * rz) / rho - (g[0] / rho) * (dx * g[1] + dy * g[2] + dz * g[3])
+    if abs(dfdt) < 0.05:  # a tangent ray: damp instead of flying off
+        dfdt = 0.05 if dfdt >= 0 else -0.05
+    t_prev, f_prev = t, f
+    t = t - f / dfdt
+    for _ in range(1, iterations):
+        f = _f_at(ox, oy, oz, dx, dy, dz, t, c, R, n, p)
+        den = f - f_prev
+        step = f * (t - t_prev) / den if abs(den) > 1e-15 else 0.0
+        t_prev, f_prev = t, f
+        t = t - step
+    return t, f_prev
+
+
+@_jit
+def star_newton(o, d, t0, c, geo, R, n, p, iterations, final_check):
+    """Newton/secant refinement of t0 (M,) along rays o (M, 3), d (M, 3): (t, |f|)."""
+    m = d.shape[0]
+    t_out = np.empty(m)
+    err = np.empty(m)
+    for i in range(m):
+        t, fp = _newton1(o[i, 0], o[i, 1], o[i, 2], d[i, 0], d[i, 1], d[i, 2], t0[i], c, geo, R,
+                         n, p, iterations)
+        t_out[i] = t
+        if final_check:
+            err[i] = abs(_f_at(o[i, 0], o[i, 1], o[i, 2], d[i, 0], d[i, 1], d[i, 2], t, c, R, n, p))
+        else:
+            err[i] = abs(fp)
+    return t_out, err
+
+
+@nb.njit(cache=True, nogil=True)
+def _project(o_w, d_src, j, tt, T, w2c, K, dist):
+    """Pixel (u, v) and camera depth z of rest point o_w + t d_src[j] moved by T."""
+    X0 = o_w[0] + d_src[j, 0] * tt
+    X1 = o_w[1] + d_src[j, 1] * tt
+    X2 = o_w[2] + d_src[j, 2] * tt
+    Y0 = T[0, 0] * X0 + T[0, 1] * X1 + T[0, 2] * X2 + T[0, 3]
+    Y1 = T[1, 0] * X0 + T[1, 1] * X1 + T[1, 2] * X2 + T[1, 3]
+    Y2 = T[2, 0] * X0 + T[2, 1] * X1 + T[2, 2] * X2 + T[2, 3]
+    px = w2c[0, 0] * Y0 + w2c[0, 1] * Y1 + w2c[0, 2] * Y2 + w2c[0, 3]
+    py = w2c[1, 0] * Y0 + w2c[1, 1] * Y1 + w2c[1, 2] * Y2 + w2c[1, 3]
+    z = w2c[2, 0] * Y0 + w2c[2, 1] * Y1 + w2c[2, 2] * Y2 + w2c[2, 3]
+    if not z > 0:
+        return False, 0.0, 0.0, z
+    k1, k2, p1, p2, k3 = dist[0], dist[1], dist[2], dist[3], dist[4]
+    x = px / z
+    y = py / z
+    r2 = x * x + y * y
+    rad = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 * r2 * r2
+    xd = x * rad + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * rad + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return True, K[0, 0] * xd + K[0, 1] * yd + K[0, 2], K[1, 1] * yd + K[1, 2], z
+
+
+@_jit
+def rest_shift(t_src, d_src, src_row0, W, o_w, T, w2c, K, dist):
+    """Largest image shift (px) under motion T of the rest points of rows from ``src_row0``
+    (t_src (S,), d_src (S, 3)): how far the visible surface moves in the image."""
+    shift = 0.0
+    for j in range(t_src.shape[0]):
+        ts = t_src[j]
+        if not math.isfinite(ts):
+            continue
+        ok, u, v, z = _project(o_w, d_src, j, np.float64(ts), T, w2c, K, dist)
+        if not ok:
+            continue
+        q = j + src_row0 * W
+        du = u - (q % W)
+        dv = v - (q // W)
+        shift = max(shift, math.sqrt(du * du + dv * dv))
+    return shift
+
+
+@_jit
+def posed_geometry(t_src, d_src, src_row0, o_w, T, w2c, K, dist, d_blk, r0, r1, W,
+                   Ti, c, geo, R, n, p, err_tol, dt_tol):
+    """Moved-subject geometry of image rows [r0, r1) (see StarScene._posed_t).
+
+    t_src (S,) rest ray parameters of the source rows (from ``src_row0``), d_src (S, 3) their
+    world directions; o_w camera centre; T subject motion (4, 4); w2c world -> camera; K, dist
+    the camera model; d_blk ((r1 - r0) W, 3) world directions of the block's pixels; Ti
+    inverse motion. Returns t (nb,) (inf: miss or undecided), bad (nb,) bool (Newton failed:
+    march these) and lo (nb,), the 3x3 minimum of the splatted guesses (march start).
+    """
+    nbk = (r1 - r0) * W
+    bestq = np.full(nbk, np.inf)
+    bestj = np.full(nbk, -1, np.int64)
+    for j in range(t_src.shape[0]):
+        ts = t_src[j]
+        if not math.isfinite(ts):
+            continue
+        tt = np.float64(ts)
+        ok, u, v, z = _project(o_w, d_src, j, tt, T, w2c, K, dist)
+        if not ok:
+            continue
+        iu = int(np.rint(u))
+        iv = int(np.rint(v))
+        if iu < 0 or iu >= W or iv < r0 or iv >= r1:
+            continue
+        # depth test on the quantised depth; ties go to the first sample (row-major order)
+        zq = math.floor(z * 1e6)
+        k = (iv - r0) * W + iu
+        if zq < bestq[k]:
+            bestq[k] = zq
+            bestj[k] = j
+    H = r1 - r0
+    # pinholes between splats take the nearest of their 3x3 neighbourhood
+    srcj = bestj.copy()
+    for yy in range(H):
+        for xx in range(W):
+            k = yy * W + xx
+            if bestj[k] >= 0:
+                continue
+            bq = np.inf
+            bj = -1
+            for ny in range(max(yy - 1, 0), min(yy + 2, H)):
+                for nx in range(max(xx - 1, 0), min(xx + 2, W)):
+                    kk = ny * W + nx
+                    if bestj[kk] >= 0 and (bestq[kk] < bq or (bestq[kk] == bq and bestj[kk] < bj)):
+                        bq = bestq[kk]
+                        bj = bestj[kk]
+            srcj[k] = bj
+    os0 = Ti[0, 0] * o_w[0] + Ti[0, 1] * o_w[1] + Ti[0, 2] * o_w[2] + Ti[0, 3]
+    os1 = Ti[1, 0] * o_w[0] + Ti[1, 1] * o_w[1] + Ti[1, 2] * o_w[2] + Ti[1, 3]
+    os2 = Ti[2, 0] * o_w[0] + Ti[2, 1] * o_w[1] + Ti[2, 2] * o_w[2] + Ti[2, 3]
+    t_out = np.full(nbk, np.inf)
+    guess = np.full(nbk, np.inf)
+    bad = np.zeros(nbk, np.bool_)
+    for k in range(nbk):
+        j = srcj[k]
+        if j < 0:
+            continue
+        dw0, dw1, dw2 = d_blk[k, 0], d_blk[k, 1], d_blk[k, 2]
+        ds0 = Ti[0, 0] * dw0 + Ti[0, 1] * dw1 + Ti[0, 2] * dw2
+        ds1 = Ti[1, 0] * dw0 + Ti[1, 1] * dw1 + Ti[1, 2] * dw2
+        ds2 = Ti[2, 0] * dw0 + Ti[2, 1] * dw1 + Ti[2, 2] * dw2
+        tt = np.float64(t_src[j])
+        # the rest point is the subject-space point this pixel's splat came from
+        g = (ds0 * (o_w[0] + d_src[j, 0] * tt - os0) + ds1 * (o_w[1] + d_src[j, 1] * tt - os1)
+             + ds2 * (o_w[2] + d_src[j, 2] * tt - os2))
+        guess[k] = g
+        t, _ = _newton1(os0, os1, os2, ds0, ds1, ds2, g, c, geo, R, n, p, 3)
+        e = abs(_f_at(os0, os1, os2, ds0, ds1, ds2, t, c, R, n, p))
+        if e < err_tol and abs(t - g) < dt_tol:
+            t_out[k] = t
+        else:
+            bad[k] = True
+    lo = np.full(nbk, np.inf)
+    for k in range(nbk):
+        if not bad[k]:
+            continue
+        yy, xx = k // W, k % W
+        m = np.inf
+        for ny in range(max(yy - 1, 0), min(yy + 2, H)):
+            for nx in range(max(xx - 1, 0), min(xx + 2, W)):
+                m = min(m, guess[ny * W + nx])
+        lo[k] = m
+    return t_out, bad, lo
+
+
+@_jit
+def gbuffer(o_s, d_s, t, c, G, mat, n, p, vn, vp):
+    """Surface data of M hit pixels: point x (M, 3) float64, normal (M, 3) float32, material
+    (M, C) float32, view vector (M, 3) float32, n.v (M,) float32 and the visibility cube
+    map's lookup (4 texel indices (4, M) int64, 4 weights (4, M) float32)."""
+    m = t.shape[0]
+    C = mat.shape[1]
+    x = np.empty((m, 3))
+    nrm = np.empty((m, 3), np.float32)
+    mo = np.empty((m, C), np.float32)
+    v = np.empty((m, 3), np.float32)
+    ndv = np.empty(m, np.float32)
+    vidx = np.empty((4, m), np.int64)
+    vw = np.empty((4, m), np.float32)
+    for i in range(m):
+        x0 = o_s[0] + d_s[i, 0] * t[i]
+        x1 = o_s[1] + d_s[i, 1] * t[i]
+        x2 = o_s[2] + d_s[i, 2] * t[i]
+        x[i, 0], x[i, 1], x[i, 2] = x0, x1, x2
+        r0, r1, r2 = x0 - c[0], x1 - c[1], x2 - c[2]
+        rho = math.sqrt(r0 * r0 + r1 * r1 + r2 * r2)
+        b, wu, wv = _lookup(r0, r1, r2, n, p)
+        w00 = np.float32((1 - wu) * (1 - wv))
+        w01 = np.float32(wu * (1 - wv))
+        w10 = np.float32((1 - wu) * wv)
+        w11 = np.float32(wu * wv)
+        s0, s1, s2 = np.float32(r0 / rho), np.float32(r1 / rho), np.float32(r2 / rho)
+        g0 = w00 * G[b, 0] + w01 * G[b + 1, 0] + w10 * G[b + p, 0] + w11 * G[b + p + 1, 0]
+        g1 = w00 * G[b, 1] + w01 * G[b + 1, 1] + w10 * G[b + p, 1] + w11 * G[b + p + 1, 1]
+        g2 = w00 * G[b, 2] + w01 * G[b + 1, 2] + w10 * G[b + p, 2] + w11 * G[b + p + 1, 2]
+        a0, a1, a2 = s0 - g0, s1 - g1, s2 - g2
+        inv = np.float32(1) / np.float32(math.sqrt(a0 * a0 + a1 * a1 + a2 * a2))
+        nrm[i, 0], nrm[i, 1], nrm[i, 2] = a0 * inv, a1 * inv, a2 * inv
+        for k in range(C):
+            mo[i, k] = (w00 * mat[b, k] + w01 * mat[b + 1, k] + w10 * mat[b + p, k]
+                        + w11 * mat[b + p + 1, k])
+        v0, v1, v2 = np.float32(-d_s[i, 0]), np.float32(-d_s[i, 1]), np.float32(-d_s[i, 2])
+        v[i, 0], v[i, 1], v[i, 2] = v0, v1, v2
+        ndv[i] = nrm[i, 0] * v0 + nrm[i, 1] * v1 + nrm[i, 2] * v2
+        vb, vu, vv = _lookup(r0, r1, r2, vn, vp)
+        vidx[0, i], vidx[1, i], vidx[2, i], vidx[3, i] = vb, vb + 1, vb + vp, vb + vp + 1
+        vw[0, i] = np.float32((1 - vu) * (1 - vv))
+        vw[1, i] = np.float32(vu * (1 - vv))
+        vw[2, i] = np.float32((1 - vu) * vv)
+        vw[3, i] = np.float32(vu * vv)
+    return x, nrm, mo, v, ndv, vidx, vw
+
+
+@_jit
+def shadow_table(occ, x, nrm, q, B, origin, distant, D, px, offset, bias0, max_wrap):
+    """One light's visibility table (T_vis,) uint8 (255 = lit): splat the occluder points
+    (3, N) float32 into a D x D shadow map (nearest depth, 2x2 pinhole closing), then a
+    normal-offset, slope-biased 2x2 PCF test of every receiver x (T_vis, 3) with normal nrm.
+    B (3, 3) rows are the map's u, v and depth axes about ``origin`` (the light for a point
+    light, the subject centre for a distant one); px the map's pixel size (angle or metres)."""
+    f32 = np.float32
+    Bf = B.astype(np.float32)
+    o0 = f32(B[0, 0] * origin[0] + B[0, 1] * origin[1] + B[0, 2] * origin[2])
+    o1 = f32(B[1, 0] * origin[0] + B[1, 1] * origin[1] + B[1, 2] * origin[2])
+    o2 = f32(B[2, 0] * origin[0] + B[2, 1] * origin[1] + B[2, 2] * origin[2])
+    half = f32(D / 2)
+    ipx = f32(1 / px)
+    pxf = f32(px)
+    depth = np.full((D, D), np.inf, np.float32)
+    for i in range(occ.shape[1]):
+        a, b_, c_ = occ[0, i], occ[1, i], occ[2, i]
+        w0 = a * Bf[0, 0] + b_ * Bf[0, 1] + c_ * Bf[0, 2] - o0
+        w1 = a * Bf[1, 0] + b_ * Bf[1, 1] + c_ * Bf[1, 2] - o1
+        w2 = a * Bf[2, 0] + b_ * Bf[2, 1] + c_ * Bf[2, 2] - o2
+        if distant:
+            u = w0 * ipx + half
+            v = w1 * ipx + half
+        else:
+            inv = f32(1) / (w2 * pxf)
+            u = w0 * inv + half
+            v = w1 * inv + half
+        iu = min(max(int(u), 0), D - 1)
+        iv = min(max(int(v), 0), D - 1)
+        if w2 < depth[iv, iu]:
+            depth[iv, iu] = w2
+    for iv in range(D - 1):
+        for iu in range(D - 1):
+            depth[iv, iu] = min(min(depth[iv, iu], depth[iv + 1, iu]),
+                                min(depth[iv, iu + 1], depth[iv + 1, iu + 1]))
+    m = x.shape[0]
+    tab = np.zeros(m, np.uint8)
+    for i in range(m):
+        if distant:
+            l0, l1, l2 = q[0], q[1], q[2]
+        else:
+            l0, l1, l2 = q[0] - x[i, 0], q[1] - x[i, 1], q[2] - x[i, 2]
+            ln = math.sqrt(l0 * l0 + l1 * l1 + l2 * l2)
+            l0, l1, l2 = l0 / ln, l1 / ln, l2 / ln
+        ndl = nrm[i, 0] * l0 + nrm[i, 1] * l1 + nrm[i, 2] * l2
+        if not ndl > -max_wrap - 0.05:
+            continue
+        a = f32(x[i, 0] + offset * nrm[i, 0])
+        b_ = f32(x[i, 1] + offset * nrm[i, 1])
+        c_ = f32(x[i, 2] + offset * nrm[i, 2])
+        w0 = a * Bf[0, 0] + b_ * Bf[0, 1] + c_ * Bf[0, 2] - o0
+        w1 = a * Bf[1, 0] + b_ * Bf[1, 1] + c_ * Bf[1, 2] - o1
+        z = a * Bf[2, 0] + b_ * Bf[2, 1] + c_ * Bf[2, 2] - o2
+        if distant:
+            u = w0 * ipx + half
+            v = w1 * ipx + half
+            foot = px
+        else:
+            inv = f32(1) / (z * pxf)
+            u = w0 * inv + half
+            v = w1 * inv + half
+            foot = px * z
+        tan = math.sqrt(min(max(1 - ndl * ndl, 0.0), 1.0)) / max(abs(ndl), 0.2)
+        zb = z - (bias0 + 1.5 * foot * tan)
+        u0 = u - 0.5
+        v0 = v - 0.5
+        iu = min(max(int(math.floor(u0)), 0), D - 2)
+        iv = min(max(int(math.floor(v0)), 0), D - 2)
+        wu = min(max(u0 - iu, 0.0), 1.0)
+        wv = min(max(v0 - iv, 0.0), 1.0)
+        lit = ((1 - wu) * (1 - wv) * (zb <= depth[iv, iu]) + wu * (1 - wv) * (zb <= depth[iv, iu + 1])
+               + (1 - wu) * wv * (zb <= depth[iv + 1, iu]) + wu * wv * (zb <= depth[iv + 1, iu + 1]))
+        tab[i] = np.uint8(np.rint(lit * 255))
+    return tab
+
+
+@_jit
+def shade(nrm, v, x, mat, ndv, vidx, vw, lp, rgb, vis, use_vis, distant):
+    """Radiance (M, 3) float64 of M surface pixels summed over lights (see render._shade).
+
+    Per light and pixel, in float32: ``T_c = E V [albedo_c / pi * wrap_c(n.l) + ks D G F /
+    (4 n.v)]``, added into float64 as ``rgb_c * T_c``. Each light's term is the same
+    expression whichever lights are rendered with it, so superposition is exact to float64
+    summation. Lights are the outer loop so the pixel loop runs over contiguous planes.
+    """
+    f32 = np.float32
+    m = nrm.shape[0]
+    L = lp.shape[0]
+    acc = np.zeros((3, m))
+    # light-independent planes
+    nx, ny, nz = nrm[:, 0].copy(), nrm[:, 1].copy(), nrm[:, 2].copy()
+    vx, vy, vz = v[:, 0].copy(), v[:, 1].copy(), v[:, 2].copy()
+    xx = x[:, 0].astype(np.float32)
+    xy = x[:, 1].astype(np.float32)
+    xz = x[:, 2].astype(np.float32)
+    albw = np.empty((3, m), np.float32)
+    wrap = np.empty((3, m), np.float32)
+    a2 = np.empty(m, np.float32)
+    f0 = np.empty(m, np.float32)
+    spec_pre = np.empty(m, np.float32)
+    ipi = f32(1 / np.pi)
+    for i in range(m):
+        for c in range(3):
+            wrap[c, i] = mat[i, 6 + c]
+            albw[c, i] = (mat[i, c] * ipi) / (f32(1) + mat[i, 6 + c])
+        al = mat[i, 3]
+        a2[i] = al * al
+        f0[i] = mat[i, 4]
+        nv = max(ndv[i], f32(1e-4))
+        g1v = f32(2) * nv / (nv + math.sqrt(a2[i] + (f32(1) - a2[i]) * nv * nv))
+        spec_pre[i] = mat[i, 5] * g1v / (f32(4) * nv) * ipi * a2[i] if ndv[i] > 0 else f32(0)
+    vw0, vw1, vw2, vw3 = vw[0] * f32(1 / 255), vw[1] * f32(1 / 255), vw[2] * f32(1 / 255), vw[3] * f32(1 / 255)
+    vi0, vi1, vi2, vi3 = vidx[0], vidx[1], vidx[2], vidx[3]
+    for j in range(L):
+        px, py, pz = lp[j, 0], lp[j, 1], lp[j, 2]
+        cr, cg, cb = rgb[j, 0], rgb[j, 1], rgb[j, 2]
+        for i in range(m):
+            if distant:
+                lx, ly, lz = px, py, pz
+                E = f32(1)
+            else:
+                lx, ly, lz = px - xx[i], py - xy[i], pz - xz[i]
+                inv = f32(1) / math.sqrt(lx * lx + ly * ly + lz * lz)
+                lx, ly, lz = lx * inv, ly * inv, lz * inv
+                E = inv * inv
+            if use_vis:
+                tab = vis[j]
+                E = E * (f32(tab[vi0[i]]) * vw0[i] + f32(tab[vi1[i]]) * vw1[i]
+                         + f32(tab[vi2[i]]) * vw2[i] + f32(tab[vi3[i]]) * vw3[i])
+            ndl = nx[i] * lx + ny[i] * ly + nz[i] * lz
+            hx, hy, hz = lx + vx[i], ly + vy[i], lz + vz[i]
+            h2 = hx * hx + hy * hy + hz * hz
+            ndh = nx[i] * hx + ny[i] * hy + nz[i] * hz
+            vdh = (vx[i] * hx + vy[i] * hy + vz[i] * hz) / math.sqrt(h2)
+            ndh2 = ndh * ndh / h2
+            den = ndh2 * (a2[i] - f32(1)) + f32(1)
+            den = den * den
+            mm = f32(1) - min(max(vdh, f32(0)), f32(1))
+            m2 = mm * mm
+            F = (f32(1) - f0[i]) * (mm * m2 * m2) + f0[i]
+            ndl_c = max(ndl, f32(0))
+            g1l = f32(2) * ndl_c / (ndl_c + math.sqrt(a2[i] + (f32(1) - a2[i]) * ndl_c * ndl_c)
+                                    + f32(1e-12))
+            spec = spec_pre[i] * g1l * F / den
+            tr = (max(ndl + wrap[0, i], f32(0)) * albw[0, i] + spec) * E
+            tg = (max(ndl + wrap[1, i], f32(0)) * albw[1, i] + spec) * E
+            tb = (max(ndl + wrap[2, i], f32(0)) * albw[2, i] + spec) * E
+            acc[0, i] += np.float64(cr * tr)
+            acc[1, i] += np.float64(cg * tg)
+            acc[2, i] += np.float64(cb * tb)
+    return acc
+
+
+@nb.njit(cache=True, nogil=True)
+def _march_core(ox, oy, oz, dx, dy, dz, t0, t1, max_steps, near, relax0, creep, c, R, lloc,
+                n, p, inv_l, cap, min_step0, crawl_after, crawl_growth, near_fine):
+    """One ray's relaxed sphere tracing from t0 to t1 (StarSurface.march's main loop) and the
+    regula-falsi fix of a step that crossed the surface: (found, t)."""
+    t = t0
+    t_prev = t
+    f_prev = 0.0
+    relax = relax0
+    min_step = min_step0
+    for it in range(max_steps):
+        if it >= crawl_after:
+            min_step *= crawl_growth
+        rx = ox + dx * t - c[0]
+        ry = oy + dy * t - c[1]
+        rz = oz + dz * t - c[2]
+        rho = math.sqrt(rx * rx + ry * ry + rz * rz)
+        b, wu, wv = _lookup(rx, ry, rz, n, p)
+        f = rho - _sample1(R, b, wu, wv, p)
+        bound_l = np.float64(lloc[b])
+        bad = relax > 1 and (abs(f) + f_prev) / bound_l < t - t_prev
+        hit = (not bad) and f < near
+        if hit:
+            if f < -near_fine:
+                # the step crossed the surface: Illinois regula falsi in [last outside, t]
+                a, fa, bb, fb = t_prev, f_prev, t, f
+                for _ in range(12):
+                    tm = bb - fb * (bb - a) / (fb - fa)
+                    fm = _f_at(ox, oy, oz, dx, dy, dz, tm, c, R, n, p)
+                    if fm < 0:
+                        fa = fa * 0.5
+                        bb = tm
+                        fb = fm
+                    else:
+                        fa = fm
+                        a = tm
+                        fb = fb * 0.5
+                t = a if abs(fa) < abs(fb) else bb
+            return True, t
+        gone = creep and f > f_prev and f_prev > 0
+        safe = max(f_prev / bound_l, min_step)
+        step = min(f / bound_l, cap * rho)
+        step = max(max(step, f * inv_l), min_step)
+        if bad:
+            t_new = t_prev + safe
+            relax = 1.0
+        else:
+            t_new = t + relax * step
+            t_prev = t
+            f_prev = f
+        if not t_new < t1 or gone:
+            return False, np.inf
+        t = t_new
+    return False, np.inf
+
+
+@_jit
+def star_march(o, d, t_start, t_end, max_steps, polish, near, relax0, c, geo, R, lloc, n, p,
+               r_max, inv_l, cap, min_step, crawl_after, crawl_growth, near_fine, near_default,
+               creep_len):
+    """First hit t (M,) of rays o (M, 3), d (M, 3) within [t_start, t_end] (M,) each
+    (StarSurface.march: march, regula falsi, Newton polish; grazing rays creep on at full
+    precision over ``creep_len`` and then march on)."""
+    m = d.shape[0]
+    out = np.full(m, np.inf)
+    creep0 = relax0 == 1.0 and near < near_default
+    for i in range(m):
+        ox, oy, oz = o[i, 0], o[i, 1], o[i, 2]
+        dx, dy, dz = d[i, 0], d[i, 1], d[i, 2]
+        # bounding sphere
+        qx, qy, qz = ox - c[0], oy - c[1], oz - c[2]
+        bq = dx * qx + dy * qy + dz * qz
+        disc = bq * bq - (qx * qx + qy * qy + qz * qz - r_max * r_max)
+        if not disc >= 0:
+            continue
+        sq = math.sqrt(disc)
+        tb0 = max(-bq - sq, 0.0)
+        tb1 = -bq + sq
+        ts = max(tb0, t_start[i])
+        te_all = min(tb1, t_end[i])
+        while True:
+            if not (math.isfinite(ts) and te_all > ts):
+                break
+            found, tt = _march_core(ox, oy, oz, dx, dy, dz, ts, te_all, max_steps, near, relax0,
+                                    creep0, c, R, lloc, n, p, inv_l, cap, min_step, crawl_after,
+                                    crawl_growth, near_fine)
+            if not found:
+                break
+            if not polish:
+                out[i] = tt
+                break
+            tn, _ = _newton1(ox, oy, oz, dx, dy, dz, tt, c, geo, R, n, p, 3)
+            err = abs(_f_at(ox, oy, oz, dx, dy, dz, tn, c, R, n, p))
+            if err < 1e-6 and tn > tt - 4 * near and tn < tt + 4 * near:
+                out[i] = tn
+                break
+            if not near > near_fine:
+                break
+            # grazing: creep on with safe steps over a short stretch at full precision; beyond
+            # it, march normally (the ray may hit something behind)
+            te = min(tt + creep_len, t_end[i])
+            te_c = min(tb1, te)
+            if te_c > tt:
+                found, tc = _march_core(ox, oy, oz, dx, dy, dz, tt, te_c, max_steps, near_fine, 1.0,
+                                        True, c, R, lloc, n, p, inv_l, cap, min_step, crawl_after,
+                                        crawl_growth, near_fine)
+                if found:
+                    out[i] = tc
+                    break
+            ts = max(tb0, te)
+    return out
