@@ -35,8 +35,9 @@ Arrays added by ingest next to the store's standard ones (``lightstage.store``):
                                                      and inside the frame (255)
     tracking_ok     (camera, tracking_frame)         uint8  1 = tracking frame decoded
     tracking_done   (camera,)                        uint8  1 = camera's tracking phase complete
-    checksum        (camera, light)                  uint64 blake2b-64 of olat + valid bytes
-    tracking_checksum (camera, tracking_frame)       uint64 blake2b-64 of the tracking image
+    checksum        (camera, light)                  uint64 CRC32C of olat + valid bytes
+    tracking_checksum (camera, tracking_frame)       uint64 CRC32C of the tracking image
+                    (stores written before CRC32C hold blake2b-64; ``ingest.checksum`` says which)
 
 Conventions recorded in the attributes (``ingest``): the tracking frames are stored aligned to
 the reference and divided by the mean light rgb; ``mask`` is 255 where the reference tracking
@@ -85,6 +86,7 @@ __all__ = [
     "vignetting_map",
     "process_frame",
     "image_checksum",
+    "CHECKSUM_TEXT",
     "read_flow",
     "DONE_TODO",
     "DONE_WRITTEN",
@@ -224,12 +226,33 @@ def apply_colour(rgb: np.ndarray, cal: CameraCalibration) -> np.ndarray:
     raise IngestError(f"unsupported colour_method {cal.colour_method!r}")
 
 
-def image_checksum(*arrays: np.ndarray) -> int:
-    """64-bit blake2b of the arrays' bytes (as stored: dtype and C order), as an int."""
+#: checksum of new stores: CRC32C (hardware, ~30x blake2b here), recorded in the take's
+#: attributes (``ingest.checksum``); stores written with blake2b-64 verify with blake2b
+CHECKSUM_TEXT = "crc32c (little-endian uint64 holding the 32-bit value) of the stored olat bytes then valid bytes"
+
+
+def image_checksum(*arrays: np.ndarray, algorithm: str = "crc32c") -> int:
+    """Checksum of the arrays' bytes (as stored: dtype and C order), as an int:
+    ``"crc32c"`` (default) or ``"blake2b"`` (64-bit, stores made before crc32c)."""
+    if algorithm == "crc32c":
+        import google_crc32c
+
+        crc = 0
+        for a in arrays:
+            crc = google_crc32c.extend(crc, np.ascontiguousarray(a).tobytes())
+        return int(crc)
+    if algorithm != "blake2b":
+        raise ValueError(f"unknown checksum algorithm {algorithm!r}")
     h = hashlib.blake2b(digest_size=8)
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return int.from_bytes(h.digest(), "little")
+
+
+def _checksum_algorithm(attrs: dict) -> str:
+    """The algorithm a take's checksums were made with (from its ``ingest.checksum`` text)."""
+    text = str((attrs.get("ingest") or {}).get("checksum", "blake2b"))
+    return "crc32c" if text.startswith("crc32c") else "blake2b"
 
 
 # ---- task payloads (small, picklable) -------------------------------------------------------
@@ -506,6 +529,13 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
     return {"camera": ci, "reference": ref, "bad": bad, "ok": ok, "checksums": sums}
 
 
+@lru_cache(maxsize=64)
+def _tracking_ok(store: str, group: str, run_id: str, ci: int) -> np.ndarray:
+    """A camera's decodable tracking frames: fixed once its tracking phase has run, which
+    precedes every OLAT task of that camera in a run (read once per worker and run)."""
+    return np.asarray(_arrays(store, group, run_id)["tracking_ok"][ci]).astype(bool)
+
+
 @lru_cache(maxsize=4)
 def _flow(store: str, group: str, run_id: str, ci: int, j: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Stored flow grid ``(2, h, w)`` float32, its ``(H, W)`` uint8 validity (255) and the
@@ -532,7 +562,7 @@ def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
         return {"camera": ci, "light": li, "error": str(e), "frame": fidx}
     g = _open_group(spec)
     if spec.motion:
-        tok = np.asarray(g["tracking_ok"][ci]).astype(bool)
+        tok = _tracking_ok(spec.store, spec.group, spec.run_id, ci)
         good = [j for j in range(len(spec.tracking)) if tok[j]]
         if not good:
             return {"camera": ci, "light": li, "frame": fidx,
@@ -733,7 +763,7 @@ def _plan(man: CaptureManifest, cal: Calibration, store: str, cfg: IngestConfig,
                                "x + flow(x); stored as float16 on a grid subsampled by flow.attrs"
                                "['stride'], upsampled as flow.attrs['rule'] says",
             "done_codes": {"0": "to do", "1": "written", "2": "skipped (bad input)"},
-            "checksum": "blake2b-64 (little-endian uint64) of the stored olat bytes then valid bytes",
+            "checksum": CHECKSUM_TEXT,
         },
     }
     prov = {"manifest": str(man.root / "capture.json"), "calibration": str(calib_path),
@@ -903,6 +933,7 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total) -> int:
     prev_ok = np.asarray(g["tracking_ok"][...]).astype(np.uint8)
     prov = dict(g.attrs.get("provenance") or {})
     skipped = list(prov.get("skipped") or [])
+    refs = list(g.attrs.get("reference_frames") or [None] * C)
     serial = isinstance(client, _Serial)
 
     def tick(n=1):
@@ -924,6 +955,7 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total) -> int:
             g["checksum"][...] = sums
             g["done"][...] = done  # after the checksums: a set flag always has its checksum
         if state["track"]:
+            g.attrs["reference_frames"] = refs
             g["tracking_checksum"][...] = tsums
             g["tracking_done"][...] = tdone
         if len(skipped) != state["nskip"]:
@@ -948,14 +980,11 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total) -> int:
             # the decodable tracking frames changed since the interrupted run (a bad file was
             # replaced): OLATs aligned with the old flows must be redone
             done[ci, :] = DONE_TODO
-        refs = list(g.attrs.get("reference_frames") or [None] * C)
         refs[ci] = spec.tracking[res["reference"]]
-        g.attrs["reference_frames"] = refs
         if not res["bad"] or cfg.skip_bad:
             tdone[ci] = 1
         state["track"] = state["olat"] = True
         tick(T)
-        flush()
         return [(ci, li) for li in range(L) if done[ci, li] != DONE_WRITTEN]
 
     def handle_olat(res):
@@ -1055,6 +1084,7 @@ def verify_store(store: str | Path, progress: Callable[[str, int, int], None] | 
         if problems:
             continue
         cams = list(g.attrs.get("cameras", []))
+        algo = _checksum_algorithm(dict(g.attrs))
         done = np.asarray(g["done"][...])
         sums = np.asarray(g["checksum"][...])
         skipped = (g.attrs.get("provenance") or {}).get("skipped") or []
@@ -1070,7 +1100,7 @@ def verify_store(store: str | Path, progress: Callable[[str, int, int], None] | 
                     if not any(e.get("frame") == fr and e.get("camera") == cams[ci] for e in skipped):
                         problems.append(f"{name}: marked skipped but not listed in provenance")
                 else:
-                    got = image_checksum(g["olat"][ci, li], g["valid"][ci, li])
+                    got = image_checksum(g["olat"][ci, li], g["valid"][ci, li], algorithm=algo)
                     if np.uint64(got) != sums[ci, li]:
                         problems.append(f"{name}: checksum mismatch (data changed or corrupt)")
                 if progress:
@@ -1085,6 +1115,6 @@ def verify_store(store: str | Path, progress: Callable[[str, int, int], None] | 
             for j in range(tsums.shape[1]):
                 if tok is not None and not tok[ci, j]:
                     continue
-                if np.uint64(image_checksum(g["tracking"][ci, j])) != tsums[ci, j]:
+                if np.uint64(image_checksum(g["tracking"][ci, j], algorithm=algo)) != tsums[ci, j]:
                     problems.append(f"{path} camera {cams[ci]} tracking {j}: checksum mismatch")
     return problems

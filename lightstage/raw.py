@@ -168,10 +168,12 @@ def read_raw(path: str | Path, margin: float | None = None, normalise: bool = Tr
     try:
         try:
             mosaic = raw.raw_image_visible.copy()  # a view into LibRaw memory: copy before close
-            colors = raw.raw_colors_visible.copy()
+            blacks = np.asarray(raw.black_level_per_channel, np.float32)
+            # the per-photosite colour map is only needed when the channels' black levels
+            # differ (rawpy builds it with a np.pad per call: not free)
+            colors = raw.raw_colors_visible.copy() if np.ptp(blacks) > 0 else None
         except Exception as e:
             raise RawError(f"{path}: raw data unreadable ({type(e).__name__}: {e})") from None
-        blacks = np.asarray(raw.black_level_per_channel, np.float32)
         white = float(raw.white_level)
         desc = raw.color_desc.decode("ascii", "replace")
         pattern = raw.raw_pattern

@@ -202,6 +202,7 @@ class ShardWriter:
     def __init__(self, array: zarr.Array):
         self.array = array
         self.ok = False
+        self._dirs: set[Path] = set()
         try:
             self._setup()
         except Exception:  # anything unexpected in the metadata: use zarr itself
@@ -317,7 +318,9 @@ class ShardWriter:
             except FileNotFoundError:
                 pass
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._dirs:  # one mkdir per folder, not per image
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path.parent)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         with open(tmp, "wb") as f:
             f.write(buf)

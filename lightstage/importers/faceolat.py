@@ -42,7 +42,8 @@ import numpy as np
 from .. import align
 from ..calibfile import Calibration, load_calibration
 from ..imageio import ImageIOError, read_exr
-from ..ingest import (DONE_WRITTEN, F16_MAX, IngestError, _create_extra, image_checksum)
+from ..ingest import (CHECKSUM_TEXT, DONE_WRITTEN, F16_MAX, IngestError, _create_extra,
+                      image_checksum)
 from ..manifest import sha256_file
 from ..store import create_take, provenance
 
@@ -268,7 +269,7 @@ def import_faceolat(root: str | Path, out: str | Path, *, subject: str | None = 
                    "tracking_normalisation": "tracking radiance / mean light_rgb",
                    "mask_rule": f"reference tracking luminance > {mask_threshold} x its 99.5th percentile",
                    "done_codes": {"0": "to do", "1": "written", "2": "skipped (bad input)"},
-                   "checksum": "blake2b-64 (little-endian uint64) of the stored olat bytes then valid bytes"},
+                   "checksum": CHECKSUM_TEXT},
     }
     g = create_take(out, tree.subject, take, cameras=tree.cameras, n_lights=len(lights),
                     n_tracking=max(len(tracking), 1), height=H, width=W, attrs=attrs, dtype=dtype,
