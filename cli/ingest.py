@@ -3,6 +3,8 @@
 Examples::
 
     ls-ingest CAPTURE --calibration cal.json --out subjects.zarr --workers 4
+    ls-ingest CAP1 CAP2 --calibration cal.json --out subjects.zarr --rename s000/t0=s001/t0
+    ls-ingest CAP3 --calibration cal.json --out subjects.zarr     # adds CAP3's takes
     ls-ingest CAPTURE --calibration cal.json --out subjects.zarr --scheduler tcp://host:8786
     ls-ingest --verify subjects.zarr
 
@@ -28,7 +30,7 @@ def _progress(console: Console) -> Progress:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("capture", required=False, type=click.Path(exists=True, file_okay=True))
+@click.argument("capture", nargs=-1, type=click.Path(exists=True, file_okay=True))
 @click.option("--calibration", "-c", type=click.Path(exists=True, dir_okay=False),
               help="calibration file (lightstage-calibration JSON)")
 @click.option("--out", "-o", type=click.Path(), help="output store (STORE.zarr)")
@@ -42,6 +44,9 @@ def _progress(console: Console) -> Progress:
 @click.option("--skip-bad", is_flag=True, help="record bad raw files in provenance and go on (exit 0)")
 @click.option("--overwrite", is_flag=True, help="replace existing takes in the store")
 @click.option("--subjects", type=str, default=None, help="comma-separated subjects to ingest")
+@click.option("--rename", "renames", multiple=True, metavar="SUBJECT/TAKE=SUBJECT/TAKE",
+              help="store a captured take under another name (repeatable), e.g. when two "
+                   "captures both hold s000/t0")
 @click.option("--reference", type=str, default="central", show_default=True,
               help="tracking frame to align to: central, first or a tracking position")
 @click.option("--flow-model", type=click.Choice(["dense", "homography"]), default="dense",
@@ -54,8 +59,9 @@ def _progress(console: Console) -> Progress:
 @click.option("--verify", "verify", type=click.Path(exists=True), default=None,
               help="check a store's completeness and checksums instead of ingesting")
 def main(capture, calibration, out, workers, scheduler, dtype, scale, skip_bad, overwrite,
-         subjects, reference, flow_model, no_motion, faceolat, colour_matrix, verify):
-    """Ingest the raw captures under CAPTURE into a calibrated Zarr v3 store."""
+         subjects, renames, reference, flow_model, no_motion, faceolat, colour_matrix, verify):
+    """Ingest the raw captures under CAPTURE... into a calibrated Zarr v3 store (one group per
+    subject/take; takes already in the store are left untouched)."""
     from lightstage.align import FlowConfig
     from lightstage.calibfile import CalibrationError
     from lightstage.ingest import IngestConfig, IngestError, ingest, verify_store
@@ -86,8 +92,10 @@ def main(capture, calibration, out, workers, scheduler, dtype, scale, skip_bad, 
 
         if not out:
             raise click.UsageError("--out is required")
+        if len(capture) != 1:
+            raise click.UsageError("--faceolat takes one CAPTURE tree")
         try:
-            grp = import_faceolat(capture, out, colour_matrix=colour_matrix, calibration=calibration,
+            grp = import_faceolat(capture[0], out, colour_matrix=colour_matrix, calibration=calibration,
                                   dtype=dtype, scale=scale, motion=not no_motion, overwrite=overwrite,
                                   flow=FlowConfig(model=flow_model))
         except (IngestError, StoreError, CalibrationError) as e:
@@ -105,8 +113,15 @@ def main(capture, calibration, out, workers, scheduler, dtype, scale, skip_bad, 
             ref = int(reference)
         except ValueError:
             raise click.BadParameter("central, first or an integer", param_hint="--reference") from None
+    rename = {}
+    for r in renames:
+        src, sep, dst = r.partition("=")
+        if not sep or src.count("/") != 1 or dst.count("/") != 1:
+            raise click.BadParameter(f"{r!r}: expected SUBJECT/TAKE=SUBJECT/TAKE", param_hint="--rename")
+        rename[src] = dst
     cfg = IngestConfig(dtype=dtype, scale=scale, skip_bad=skip_bad, overwrite=overwrite,
                        subjects=[s for s in subjects.split(",") if s] if subjects else None,
+                       rename=rename or None,
                        motion=not no_motion, reference=ref, flow=FlowConfig(model=flow_model))
     n_workers = 1 if workers is None else workers
     try:
@@ -119,7 +134,7 @@ def main(capture, calibration, out, workers, scheduler, dtype, scale, skip_bad, 
                 else:
                     prog.update(task, completed=k, total=n)
 
-            report = ingest(capture, calibration, out, config=cfg, workers=n_workers,
+            report = ingest(list(capture), calibration, out, config=cfg, workers=n_workers,
                             scheduler=scheduler, progress=cb)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: rerun the same command to resume[/yellow]")

@@ -113,6 +113,9 @@ class IngestConfig:
     overwrite : replace existing takes (otherwise an existing take is resumed when it was made
         with the same inputs and options, and refused when not).
     subjects : only these subjects (None = all).
+    rename : ``{"subject/take": "subject/take"}``: store the captured take(s) of that name
+        under another group (a capture whose take is called like one already in the store
+        can join it; two alike in one call are refused).
     motion : motion-compensate (False stores frames as captured, flows zero).
     check_hashes : verify each raw file against the manifest's sha256 before decoding.
     mask_threshold : foreground threshold as a fraction of the reference's 99.5th percentile.
@@ -131,6 +134,7 @@ class IngestConfig:
     skip_bad: bool = False
     overwrite: bool = False
     subjects: list[str] | None = None
+    rename: dict[str, str] | None = None
     motion: bool = True
     check_hashes: bool = True
     mask_threshold: float = 0.05
@@ -142,7 +146,7 @@ class IngestConfig:
     def fingerprint_dict(self) -> dict[str, Any]:
         """The options that change stored bytes (resume refuses if they differ)."""
         d = asdict(self)
-        for k in ("skip_bad", "overwrite", "subjects", "check_hashes"):
+        for k in ("skip_bad", "overwrite", "subjects", "check_hashes", "rename"):
             d.pop(k)
         return d
 
@@ -860,14 +864,18 @@ def _make_client(workers: int, scheduler: str | None):
 # ---- driver --------------------------------------------------------------------------------
 
 
-def ingest(capture: str | Path, calibration: str | Path, out: str | Path, *,
+def ingest(capture: str | Path | list[str | Path], calibration: str | Path, out: str | Path, *,
            config: IngestConfig | None = None, workers: int = 0, scheduler: str | None = None,
            progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
     """Ingest every subject/take below ``capture`` into the store ``out``.
 
+    Several captures (and several subjects/takes in one) go into one store, one group per
+    subject/take; a later call adds its takes to an existing store without touching the
+    others (their bytes stay as they were), and resumes a take it had started.
+
     Parameters
     ----------
-    capture : capture folder (or one take folder / capture.json).
+    capture : capture folder (or one take folder / capture.json), or a list of them.
     calibration : calibration file (lightstage-calibration JSON).
     out : store path (``.zarr``); created if missing, other takes in it are untouched.
     config : :class:`IngestConfig`.
@@ -888,15 +896,44 @@ def ingest(capture: str | Path, calibration: str | Path, out: str | Path, *,
     t0 = time.perf_counter()
     out = str(out)
     cal = load_calibration(calibration)
-    manifests = find_manifests(capture)
-    if not manifests:
-        raise IngestError(f"{capture}: no capture.json found")
-    mans = [load_manifest(p) for p in manifests]
-    if cfg.subjects:
-        mans = [m for m in mans if m.subject in cfg.subjects]
-        if not mans:
-            raise IngestError(f"{capture}: none of the subjects {cfg.subjects} found")
-    plans = [_plan(m, cal, out, cfg, str(calibration)) for m in mans]
+    captures = [capture] if isinstance(capture, (str, Path)) else list(capture)
+    if not captures:
+        raise IngestError("no capture given")
+    mans = []
+    for cap in captures:
+        manifests = find_manifests(cap)
+        if not manifests:
+            raise IngestError(f"{cap}: no capture.json found")
+        found = [load_manifest(p) for p in manifests]
+        if cfg.subjects:
+            found = [m for m in found if m.subject in cfg.subjects]
+        mans += found
+    if cfg.subjects and not mans:
+        raise IngestError(f"{', '.join(map(str, captures))}: none of the subjects {cfg.subjects} found")
+    rename = dict(cfg.rename or {})
+    groups: dict[str, Path] = {}
+    unused = set(rename)
+    for m in mans:
+        src = f"{m.subject}/{m.take}"
+        dst = rename.get(src, src)  # every take of that name (two alike are refused below)
+        unused.discard(src)
+        parts = dst.split("/")
+        if len(parts) != 2 or not all(parts) or any(p.startswith(".") for p in parts):
+            raise IngestError(f"rename {src} -> {dst!r}: the store group must be 'subject/take'")
+        if dst in groups:
+            raise IngestError(f"{m.root / 'capture.json'} and {groups[dst] / 'capture.json'} are both "
+                              f"take {dst!r}: give one another name (--rename {src}=SUBJECT/TAKE)")
+        groups[dst] = m.root
+    if unused:
+        raise IngestError(f"--rename names takes not in the capture(s): {sorted(unused)}")
+    plans = []
+    for m in mans:
+        spec, attrs, prov = _plan(m, cal, out, cfg, str(calibration))
+        dst = rename.get(spec.group, spec.group)
+        if dst != spec.group:
+            attrs["ingest"]["captured_as"] = spec.group
+            spec.group = dst
+        plans.append((spec, attrs, prov))
     report = IngestReport(store=out)
     takes = []
     run_id = uuid.uuid4().hex
