@@ -50,7 +50,7 @@ from ..calibfile import save_calibration
 from ..dng import write_dng
 from ..manifest import CaptureManifest, FrameRecord, RawFile
 from ..rig import Rig, rig_to_dict, save_rig
-from ..store import create_take
+from ..store import create_take, write_image
 from .sensor import dng_metadata, light_irradiance, noise_rng, simulate_raw, truth_calibration, vignetting_gain
 
 __all__ = [
@@ -247,6 +247,8 @@ def _init_worker(state: dict[str, Any]) -> None:
     _W.update(state)
     _W["scenes"] = {}
     _W["vig"] = {}
+    _W["groups"] = {}
+    _W["rest_img"] = {}
     _W["plan"] = state.get("plan")  # in-process runs reuse the caller's plan
 
 
@@ -254,8 +256,72 @@ def _scene(subject_index: int):
     cache = _W["scenes"]
     if subject_index not in cache:
         cache.clear()  # one subject at a time: scenes may be large
-        cache[subject_index] = _W["factory"](subject_seed(_W["seed"], subject_index)).scene
+        _W["rest_img"].clear()
+        shared = _W.get("cache_dir")
+        scene = None
+        if shared is not None:
+            # the scene the driver built (a head costs seconds to build; loading it, ms). The
+            # file was written moments ago by this run's own driver into its private
+            # temporary folder, so unpickling it runs no foreign code.
+            f = Path(shared) / f"scene_{subject_index}.pkl"
+            if f.exists():
+                import pickle
+
+                with open(f, "rb") as fh:
+                    scene = pickle.load(fh)
+        if scene is None:
+            scene = _W["factory"](subject_seed(_W["seed"], subject_index)).scene
+        if shared is not None and hasattr(scene, "share_cache"):
+            # rest-pose depth maps and shadow tables: computed once, by whichever worker
+            # needs them first, for every worker
+            scene.share_cache(Path(shared) / f"s{subject_index}")
+        cache[subject_index] = scene
     return cache[subject_index]
+
+
+def _publish_scene(scene, folder: Path, subject_index: int) -> None:
+    """Pickle a subject's scene for the workers (skipped if it cannot be pickled: they then
+    build it themselves)."""
+    import pickle
+
+    f = folder / f"scene_{subject_index}.pkl"
+    tmp = folder / f"scene_{subject_index}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            pickle.dump(scene, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(f)
+    except Exception:  # e.g. a test's scene holding a lambda
+        tmp.unlink(missing_ok=True)
+
+
+def _truth_group(subject: str):
+    """The take's group of the truth store, opened once per worker and subject."""
+    g = _W["groups"].get(subject)
+    if g is None:
+        import zarr
+
+        path = _W["out"] / subject / TAKE / "truth" / "truth.zarr"
+        g = zarr.open_group(str(path), mode="r+")[f"{subject}/{TAKE}"]
+        _W["groups"] = {subject: g}
+    return g
+
+
+_REST_IMG_BYTES = 64 << 20  # rest-pose renders kept per worker (tracking truth repeats)
+
+
+def _rest_render(si: int, scene, cam, ci: int, rig: Rig, on: list[int]) -> np.ndarray:
+    """The rest-pose radiance truth; every tracking frame of a camera has the same one, so
+    it is rendered once per worker and camera while it fits ``_REST_IMG_BYTES``."""
+    if len(on) <= 1:
+        return _render(scene, cam, rig, on, pose=None)
+    memo = _W["rest_img"]
+    key = (si, ci, tuple(on))
+    img = memo.get(key)
+    if img is None:
+        img = _render(scene, cam, rig, on, pose=None)
+        if sum(a.nbytes for a in memo.values()) + img.nbytes <= _REST_IMG_BYTES:
+            memo[key] = img
+    return img
 
 
 def _vignetting(ci: int) -> np.ndarray:
@@ -306,16 +372,15 @@ def _frame_task(task: tuple) -> tuple:
         files.append((rel, float(t), int(cam.sensor.iso), digest))
     del radiance
     if olat_slot is not None or track_slot is not None:
-        import zarr
-
-        g = zarr.open_group(str(out / subject / TAKE / "truth" / "truth.zarr"), mode="r+")[f"{subject}/{TAKE}"]
-        rest = _render(scene, cam, rig, on, pose=None)
+        g = _truth_group(subject)
+        rest = _rest_render(si, scene, cam, ci, rig, on)
+        # whole-shard writes (one image = one shard), bypassing zarr's per-chunk event loop
         if olat_slot is not None:
             E = light_irradiance(rig, on)[0].astype(np.float32)
-            g["olat"][ci, olat_slot] = np.moveaxis(rest / E, -1, 0)
-            g["valid"][ci, olat_slot] = np.full(cam.resolution, 255, np.uint8)
+            write_image(g["olat"], (ci, olat_slot), np.moveaxis(rest / E, -1, 0))
+            write_image(g["valid"], (ci, olat_slot), np.full(cam.resolution, 255, np.uint8))
         else:
-            g["tracking"][ci, track_slot] = np.moveaxis(rest, -1, 0)
+            write_image(g["tracking"], (ci, track_slot), np.moveaxis(rest, -1, 0))
     return ("frame", si, frame_index, cam.name, files)
 
 
@@ -494,10 +559,24 @@ def simulate(
                                "subjects": subjects, "take": TAKE, "entries": entries,
                                "calibration": cal_kwargs, **prov})
     save_rig(rig, out / "rig.json")
-    cal_truth = truth_calibration(rig, provenance=prov)
 
+    # per-run scratch (outside OUT, removed at the end): the subjects' scenes as the driver
+    # built them, and the caches every worker shares (rest-pose depth, shadow tables)
+    import tempfile
+
+    cache_dir = Path(tempfile.mkdtemp(prefix="ls-simulate-"))
     state = {"rig": rig, "out": out, "seed": int(seed), "noise": bool(noise),
-             "factory": factory, "calibration": cal_kwargs or {}}
+             "factory": factory, "calibration": cal_kwargs or {}, "cache_dir": str(cache_dir)}
+    try:
+        return _simulate(out, rig, subjects, seed, factory, state, cache_dir, frame_list,
+                         n_frames, workers, progress, cal_kwargs, prov)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _simulate(out, rig, subjects, seed, factory, state, cache_dir, frame_list, n_frames,
+              workers, progress, cal_kwargs, prov) -> Path:
+    cal_truth = truth_calibration(rig, provenance=prov)
     tasks: list[tuple] = []
     results: dict[tuple, list] = {}
     cal_shots = []
@@ -554,6 +633,7 @@ def simulate(
         g = create_take(truth / "truth.zarr", subject, TAKE, cameras=[c.name for c in rig.cameras],
                         n_lights=len(olat_frames), n_tracking=len(track_frames), height=H, width=W,
                         attrs=attrs, dtype="float32", scale=1.0)
+        _publish_scene(spec.scene, cache_dir, si)  # workers load it instead of rebuilding
         del spec
         for ci in range(rig.n_cameras):
             tasks.append(("truth", (si, subject, ci)))

@@ -186,11 +186,63 @@ class StarScene:
         self.vis_cube = CubeMap(max(int(vis_n), 4))
         self.shadows = vis_n > 0
         self.max_wrap = float(mat[:, 6:9].max())
+        self._cache_size = cache_size
+        self._shared = None
+        self._new_caches()
+
+    def _new_caches(self) -> None:
         self._vis_cache = _LRU(2048)
         self._rest_cache = _LRU(64)
-        self._gb_cache = _LRU(cache_size)
+        self._gb_cache = _LRU(self._cache_size)
         self._ray_cache = _LRU(16)
         self._vis_points = None
+
+    def __getstate__(self):
+        # caches are per process (and large): a pickled scene carries only its definition
+        state = self.__dict__.copy()
+        for k in ("_vis_cache", "_rest_cache", "_gb_cache", "_ray_cache", "_vis_points"):
+            state.pop(k, None)
+        state["_shared"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._new_caches()
+
+    def share_cache(self, folder) -> None:
+        """Share the expensive per-scene caches (rest-pose depth maps, shadow tables) with
+        other processes through ``folder``: each is computed by whichever process needs it
+        first, written there atomically (temporary name, then rename) and read by the
+        others. Deterministic computations, so a race only costs time, never changes a
+        byte. ``None`` stops sharing."""
+        import os
+        from pathlib import Path
+
+        self._shared = None if folder is None else Path(folder)
+        if self._shared is not None:
+            os.makedirs(self._shared, exist_ok=True)
+
+    def _shared_load(self, name: str):
+        if self._shared is None:
+            return None
+        f = self._shared / (name + ".npy")
+        try:
+            return np.load(f)  # small (a table, a depth map): a private copy, writable
+        except (OSError, ValueError):
+            return None
+
+    def _shared_save(self, name: str, a: np.ndarray) -> None:
+        if self._shared is None:
+            return
+        import os
+
+        f = self._shared / (name + ".npy")
+        tmp = self._shared / f"{name}.{os.getpid()}.tmp.npy"
+        try:
+            np.save(tmp, a)
+            os.replace(tmp, f)
+        except OSError:  # sharing is an optimisation only
+            pass
 
     # ------------------------------------------------------------------ public protocol
     def radiance(self, camera: Camera, light_positions, light_rgb, pose=None, distant=False):
@@ -267,7 +319,13 @@ class StarScene:
         hit = self._rest_cache.get_(key)
         if hit is not None:
             return hit
-        t_rest = self._coarse_to_fine(camera, key, np.eye(4))
+        import hashlib
+
+        name = "rest_" + hashlib.sha1(key).hexdigest()[:20]
+        t_rest = self._shared_load(name)
+        if t_rest is None:
+            t_rest = self._coarse_to_fine(camera, key, np.eye(4))
+            self._shared_save(name, t_rest)
         band = _edge_band(t_rest)
         self._rest_cache.put(key, (t_rest, band))
         # bound the cache by bytes too: 40 lsx-331 cameras would otherwise hold ~1.8 GB
@@ -438,13 +496,11 @@ class StarScene:
 
     def _surface_gbuffer(self, o_s, d_s, d_w, t, pix) -> _GBuffer:
         S = self.surface
-        x = o_s + d_s * t[:, None]
-        n, lk = S.normals_at(x)
-        mat = lk.sample(self.material)
-        v = (-d_s).astype(np.float32)
-        ndv = np.einsum("ij,ij->i", n, v)
-        rel = x - S.centre
-        vis = self.vis_cube.lookup(rel[:, 0], rel[:, 1], rel[:, 2])
+        # compiled: x = o + t d, n = normalize(s - g(s)), materials and the visibility lookup
+        x, n, mat, v, ndv, vidx, vw = _k.gbuffer(
+            np.asarray(o_s, np.float64), np.ascontiguousarray(d_s, np.float64), t, S.centre,
+            S.G, self.material, S.cube.n, S.cube.p, self.vis_cube.n, self.vis_cube.p)
+        vis = Lookup(tuple(vidx), tuple(vw))
         return _GBuffer(pix=pix, t=t, x=x, n=n, v=v, ndv=ndv, mat=mat, vis=vis, d=d_w)
 
     # ------------------------------------------------------------------ shadows
@@ -454,7 +510,7 @@ class StarScene:
             S = self.surface
             occ = S.centre + S.cube.texel_directions() * S.R[:, None].astype(np.float64)
             # component planes, float32: projecting 400k points is the per-light cost
-            occ = tuple(np.ascontiguousarray(occ[:, k], dtype=np.float32) for k in range(3))
+            occ = np.ascontiguousarray(occ.T, dtype=np.float32)  # (3, N) planes
             x, n = S.surface_points(self.vis_cube.texel_directions())
             self._vis_points = (occ, x, n)
         return self._vis_points
@@ -474,7 +530,11 @@ class StarScene:
                 q = np.asarray(key[1:], float) * VIS_QUANTUM
             tab = self._vis_cache.get_(key)
             if tab is None:
-                tab = self._compute_visibility(q, distant)
+                name = "vis_" + "_".join(str(int(k)) for k in key)
+                tab = self._shared_load(name)
+                if tab is None:
+                    tab = self._compute_visibility(q, distant)
+                    self._shared_save(name, tab)
                 self._vis_cache.put(key, tab)
             out[j] = tab
         return out
@@ -502,69 +562,17 @@ class StarScene:
         B = np.stack([e1, e2, axis])  # rows: map u, map v, depth axis
 
         if distant:
-            half = S.r_max
-            px = 2 * half / D
-
-            def proj(pts):
-                w0, w1, w2 = _rotate(pts, B, c)
-                return w0 * (1 / px) + D / 2, w1 * (1 / px) + D / 2, w2
+            px = 2 * S.r_max / D  # metres per map pixel (orthographic)
+            origin = c
         else:
             half = S.r_max / np.sqrt(dist_c**2 - S.r_max**2)  # tan of the cone's half angle
-            px = 2 * half / D
-
-            def proj(pts):
-                w0, w1, w2 = _rotate(pts, B, q)
-                inv = 1 / (w2 * px)
-                return w0 * inv + D / 2, w1 * inv + D / 2, w2
-
-        u, v, z = proj(occ)
-        iu = np.clip(u.astype(np.int64), 0, D - 1)
-        iv = np.clip(v.astype(np.int64), 0, D - 1)
-        depth = np.full(D * D, np.inf, np.float32)
-        np.minimum.at(depth, iv * D + iu, z)  # same dtypes: the fast ufunc.at path
-        depth = depth.reshape(D, D)
-        # close pinholes between splats: a pixel takes the nearest depth of its 2x2 block
-        depth[:-1, :-1] = np.minimum.reduce(
-            [depth[:-1, :-1], depth[1:, :-1], depth[:-1, 1:], depth[1:, 1:]]
-        )
-        if distant:
-            l = np.broadcast_to(q, x.shape)
-        else:
-            L = q - x
-            l = L / np.linalg.norm(L, axis=1, keepdims=True)
-        ndl = np.einsum("ij,ij->i", n, l)
-        tab = np.zeros(x.shape[0], np.uint8)
-        cand = np.flatnonzero(ndl > -self.max_wrap - 0.05)
-        if cand.size == 0:
-            return tab
-        xs = x[cand] + SHADOW_OFFSET * n[cand]
-        u, v, z = proj(tuple(np.ascontiguousarray(xs[:, k], dtype=np.float32) for k in range(3)))
-        # slope-scaled bias: a map pixel holds the nearest depth over its footprint
-        foot = px if distant else px * z
-        tan = np.sqrt(np.clip(1 - ndl[cand] ** 2, 0, 1)) / np.maximum(np.abs(ndl[cand]), 0.2)
-        bias = SHADOW_BIAS + 1.5 * foot * tan
-        u0, v0 = u - 0.5, v - 0.5
-        iu = np.clip(np.floor(u0).astype(np.int64), 0, D - 2)
-        iv = np.clip(np.floor(v0).astype(np.int64), 0, D - 2)
-        wu = np.clip(u0 - iu, 0, 1)
-        wv = np.clip(v0 - iv, 0, 1)
-        zb = z - bias
-        lit = (
-            (1 - wu) * (1 - wv) * (zb <= depth[iv, iu])
-            + wu * (1 - wv) * (zb <= depth[iv, iu + 1])
-            + (1 - wu) * wv * (zb <= depth[iv + 1, iu])
-            + wu * wv * (zb <= depth[iv + 1, iu + 1])
-        )
-        tab[cand] = np.round(lit * 255).astype(np.uint8)
-        return tab
-
-
-def _rotate(pts: tuple, B: np.ndarray, origin: np.ndarray) -> tuple:
-    """Rows of B applied to (pts - origin), pts given as three component planes."""
-    px, py, pz = pts
-    o = (B @ origin).astype(np.float32)
-    B = B.astype(np.float32)
-    return tuple(px * B[k, 0] + py * B[k, 1] + pz * B[k, 2] - o[k] for k in range(3))
+            px = 2 * half / D  # tangent units per map pixel (perspective)
+            origin = q
+        # compiled (_kernels.shadow_table): splat occluders with a depth test, close pinholes
+        # over 2x2, then the biased PCF test of every receiver
+        return _k.shadow_table(occ, x, n, np.asarray(q, np.float64), B, np.asarray(origin, np.float64),
+                               bool(distant), D, float(px), SHADOW_OFFSET, SHADOW_BIAS,
+                               self.max_wrap)
 
 
 def _edge_band(t: np.ndarray) -> np.ndarray:
@@ -599,109 +607,23 @@ def _edge_band(t: np.ndarray) -> np.ndarray:
     return band
 
 
-_PIX_BLOCK = 8192  # pixels per shading block (keeps the temporaries in cache)
-_LIGHT_CHUNK = 16  # lights per shading chunk
-
-
 def _shade(gb: _GBuffer, lp: np.ndarray, rgb: np.ndarray, vis: np.ndarray | None,
            distant: bool) -> np.ndarray:
     """Radiance (M, 3) float64 of the G-buffer's pixels summed over lights.
 
-    Per light and pixel (float32, component planes, all (C, m) arrays for C lights x m pixels):
-    T_c = E V [albedo_c / pi * wrap_c(n.l) + ks D G F / (4 n.v)], then the lights are summed
-    by a (C,) x (C, m) product per channel. A light's T is computed by the same elementwise
-    code whichever chunk it falls in, so superposition is exact to float32 rounding.
+    Per light and pixel, in float32: T_c = E V [albedo_c / pi * wrap_c(n.l) + ks D G F / (4 n.v)],
+    added into float64 as rgb_c T_c (compiled loop, :func:`lightstage.twin._kernels.shade`).
+    A light's T is the same expression whichever other lights it is rendered with, so
+    superposition is exact to float64 summation.
     """
-    M = gb.pix.size
-    acc = np.zeros((M, 3), np.float64)
-    f32 = np.float32
-    rgb32 = rgb.astype(f32)
-    lp32 = lp.astype(f32)
-    for m0 in range(0, M, _PIX_BLOCK):
-        sl = slice(m0, min(M, m0 + _PIX_BLOCK))
-        nx, ny, nz = (np.ascontiguousarray(gb.n[sl, k]) for k in range(3))
-        vx, vy, vz = (np.ascontiguousarray(gb.v[sl, k]) for k in range(3))
-        if not distant:
-            xx, xy, xz = (np.ascontiguousarray(gb.x[sl, k], dtype=f32) for k in range(3))
-        mat = gb.mat[sl]
-        alb = [np.ascontiguousarray(mat[:, c]) * f32(1 / np.pi) for c in range(3)]
-        a2 = mat[:, 3] * mat[:, 3]
-        a2m1 = a2 - 1
-        one_m_a2 = 1 - a2
-        f0 = np.ascontiguousarray(mat[:, 4])
-        one_m_f0 = 1 - f0
-        wrap = [np.ascontiguousarray(mat[:, 6 + c]) for c in range(3)]
-        alb_w = [alb[c] / (1 + wrap[c]) for c in range(3)]
-        ndv = gb.ndv[sl]
-        ndv_c = np.maximum(ndv, f32(1e-4))
-        g1v = 2 * ndv_c / (ndv_c + np.sqrt(a2 + one_m_a2 * ndv_c * ndv_c))
-        # everything of the specular term that does not depend on the light
-        spec_pre = np.where(ndv > 0, mat[:, 5] * g1v / (4 * ndv_c) * f32(1 / np.pi) * a2, f32(0))
-        if vis is not None:
-            vidx = [gb.vis.idx[k][sl] for k in range(4)]
-            vw = [gb.vis.w[k][sl] * f32(1 / 255) for k in range(4)]
-        for c0 in range(0, lp.shape[0], _LIGHT_CHUNK):
-            P = lp32[c0 : c0 + _LIGHT_CHUNK]
-            px, py, pz = P[:, 0:1], P[:, 1:2], P[:, 2:3]
-            if distant:
-                lx, ly, lz = (np.broadcast_to(q, (q.shape[0], nx.size)) for q in (px, py, pz))
-                E = None
-            else:
-                lx, ly, lz = px - xx, py - xy, pz - xz
-                d2 = lx * lx
-                d2 += ly * ly
-                d2 += lz * lz
-                inv = 1 / np.sqrt(d2)
-                lx *= inv
-                ly *= inv
-                lz *= inv
-                E = inv
-                E *= inv  # 1 / d^2
-            ndl = nx * lx
-            ndl += ny * ly
-            ndl += nz * lz
-            if vis is not None:
-                tab = vis[c0 : c0 + _LIGHT_CHUNK]
-                V = np.take(tab, vidx[0], axis=1) * vw[0]
-                for k in range(1, 4):
-                    V += np.take(tab, vidx[k], axis=1) * vw[k]
-                E = V if E is None else E * V
-            # GGX with separable Smith G and Schlick F
-            hx, hy, hz = lx + vx, ly + vy, lz + vz
-            h2 = hx * hx
-            h2 += hy * hy
-            h2 += hz * hz
-            ndh = nx * hx
-            ndh += ny * hy
-            ndh += nz * hz
-            vdh = vx * hx
-            vdh += vy * hy
-            vdh += vz * hz
-            ndh *= ndh
-            ndh /= h2  # (n.h)^2 with h normalised
-            den = ndh * a2m1
-            den += 1
-            den *= den
-            vdh /= np.sqrt(h2)
-            m5 = 1 - np.clip(vdh, 0, 1)
-            m2 = m5 * m5
-            m5 *= m2 * m2
-            F = one_m_f0 * m5
-            F += f0
-            ndl_c = np.maximum(ndl, f32(0))
-            g1l = 2 * ndl_c / (ndl_c + np.sqrt(a2 + one_m_a2 * ndl_c * ndl_c) + f32(1e-12))
-            spec = spec_pre * g1l
-            spec *= F
-            spec /= den
-            for c in range(3):
-                t = ndl + wrap[c]
-                np.maximum(t, 0, out=t)
-                t *= alb_w[c]
-                t += spec
-                if E is not None:
-                    t *= E
-                acc[sl, c] += rgb32[c0 : c0 + _LIGHT_CHUNK, c] @ t
-    return acc
+    use_vis = vis is not None
+    tab = vis if use_vis else np.zeros((1, 1), np.uint8)
+    vidx = np.stack(gb.vis.idx)
+    vw = np.stack(gb.vis.w)
+    acc = _k.shade(gb.n, gb.v, gb.x, gb.mat, gb.ndv, vidx, vw,
+                   np.ascontiguousarray(lp, np.float32), np.ascontiguousarray(rgb, np.float32),
+                   tab, use_vis, bool(distant))
+    return acc.T
 
 
 class SphereScene(StarScene):
