@@ -595,6 +595,12 @@ def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
     return {"camera": ci, "light": li, "checksum": image_checksum(stored, vmask)}
 
 
+def olat_batch_task(spec: _TakeSpec, ci: int, lights: list[int]) -> list[dict[str, Any]]:
+    """Several OLAT images of one camera in one task (:func:`olat_task` each): fewer tasks
+    for the scheduler, and consecutive lights share their tracking flows in the cache."""
+    return [olat_task(spec, ci, li) for li in lights]
+
+
 # ---- planning ------------------------------------------------------------------------------
 
 
@@ -1062,17 +1068,33 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total) -> int:
             return done_count
         from distributed import as_completed
 
+        try:
+            n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        except Exception:  # an exotic client: assume a few
+            n_workers = 4
+        # a few images per task: the scheduler and this process spend ~ms per task, which on
+        # small images is a real share of the CPU the workers need (2 workers on 2 cores)
+        per = max(1, min(8, -(-L // (2 * n_workers))))
+
+        def batches(pairs):
+            by_cam: dict[int, list[int]] = {}
+            for ci, li in pairs:
+                by_cam.setdefault(ci, []).append(li)
+            return [(ci, lis[k:k + per]) for ci, lis in by_cam.items() for k in range(0, len(lis), per)]
+
         spec_f = client.scatter(spec, broadcast=True)
         futs = [client.submit(camera_task, spec_f, ci, pure=False) for ci in todo_cams]
-        futs += [client.submit(olat_task, spec_f, ci, li, pure=False) for ci, li in ready]
+        futs += [client.submit(olat_batch_task, spec_f, ci, lis, pure=False)
+                 for ci, lis in batches(ready)]
         ac = as_completed(futs, with_results=True)
         last = time.monotonic()
         for fut, res in ac:
-            if "reference" in res:
-                for ci, li in handle_cam(res):
-                    ac.add(client.submit(olat_task, spec_f, ci, li, pure=False))
+            if isinstance(res, dict) and "reference" in res:
+                for ci, lis in batches(handle_cam(res)):
+                    ac.add(client.submit(olat_batch_task, spec_f, ci, lis, pure=False))
             else:
-                handle_olat(res)
+                for r in res:
+                    handle_olat(r)
             if time.monotonic() - last > FLUSH_SECONDS:
                 flush()
                 last = time.monotonic()
