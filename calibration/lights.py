@@ -10,6 +10,12 @@ highlights, linear RGB intensities from a white Lambertian ball.
 * Position: the point closest to the mirror rays of >= 2 cameras; where the rays are too
   close to parallel to fix the range, the single ray is cut by the sphere of the median
   triangulated light distance (a near-field stage has its lights on a near-sphere).
+* One view only (a photometric-stereo set, a hand-held ball): :func:`chrome_ball_directions`
+  turns each image's highlight into a direction, orthographically (the mirror-ball formula of
+  :func:`lightstage.envmap.mirrorball_direction`) or, given the camera, by reflecting the exact
+  view ray of the highlight pixel on a sphere fitted to the silhouette. :func:`circle_edges` +
+  :func:`fit_circle` measure the silhouette in the image itself (either polarity: a dark ball
+  on a brighter backdrop too), e.g. to check a supplied mask.
 * Intensity: on the diffuse ball, radiance ``L(x) = rho/pi * E * |p|^2 (n.(p-x))+ / |p-x|^3``
   with E the irradiance the light delivers at the rig centre facing it (the calibration
   file's light ``rgb``, the twin's ``colour * intensity / |p|^2``); E per channel is the least
@@ -40,6 +46,9 @@ __all__ = [
     "triangulate_lines",
     "light_positions",
     "diffuse_irradiance",
+    "circle_edges",
+    "fit_circle",
+    "chrome_ball_directions",
 ]
 
 
@@ -291,3 +300,130 @@ def diffuse_irradiance(rgb: np.ndarray, cam: CameraModel, centre: np.ndarray, ra
     gg = g[use]
     a = (L[use] * gg[:, None]).sum(0) / (gg @ gg)
     return a * np.pi / albedo, int(use.sum())
+
+
+# ---- one view -----------------------------------------------------------------------------------
+
+
+def circle_edges(lum: np.ndarray, centre, radius: float, search: float = 0.15,
+                 step_deg: float = 1.0, min_contrast: float | None = None) -> np.ndarray:
+    """(N, 2) sub-pixel silhouette points of a ball near a guessed circle ``(centre, radius)``.
+
+    Along rays from ``centre`` (every ``step_deg``), the profile between ``(1 - search)`` and
+    ``(1 + search)`` x ``radius`` is compared with the medians just inside and just outside;
+    a ray keeps the point where it crosses the half level, if it crosses exactly once and the
+    two sides differ by at least ``min_contrast`` (default: 4 x the noise of the inner band).
+    Either polarity works (bright ball on dark, or a dark chrome ball against a brighter
+    backdrop); rays where ball and background look alike (the floor, a reflection at the rim)
+    are skipped. Average several images first for faint edges.
+    """
+    import cv2
+
+    lum = np.asarray(lum, np.float32)
+    cx, cy = float(centre[0]), float(centre[1])
+    rs = np.arange((1 - search) * radius, (1 + search) * radius, 0.25)
+    inner = (rs > (1 - search) * radius) & (rs < (1 - search / 2) * radius)
+    outer = (rs > (1 + search / 2) * radius)
+    out = []
+    for th in np.radians(np.arange(0.0, 360.0, step_deg)):
+        x, y = cx + rs * np.cos(th), cy - rs * np.sin(th)
+        if x.min() < 0 or y.min() < 0 or x.max() > lum.shape[1] - 1 or y.max() > lum.shape[0] - 1:
+            continue
+        pr = cv2.remap(lum, x.astype(np.float32)[None], y.astype(np.float32)[None],
+                       cv2.INTER_LINEAR)[0].astype(np.float64)
+        a, b = float(np.median(pr[inner])), float(np.median(pr[outer]))
+        noise = 1.4826 * float(np.median(np.abs(pr[inner] - a))) + 1e-6
+        if abs(b - a) < (min_contrast if min_contrast is not None else 4 * noise):
+            continue
+        s = np.sign(b - a) * (pr - 0.5 * (a + b))  # < 0 inside, > 0 outside
+        k = np.nonzero((s[:-1] < 0) & (s[1:] >= 0))[0]
+        if len(k) != 1:
+            continue
+        k = int(k[0])
+        r = rs[k] + s[k] / (s[k] - s[k + 1]) * (rs[1] - rs[0])
+        out.append((cx + r * np.cos(th), cy - r * np.sin(th)))
+    return np.asarray(out, np.float64).reshape(-1, 2)
+
+
+def fit_circle(points: np.ndarray, radius: float | None = None, robust_px: float = 0.5
+               ) -> tuple[np.ndarray, float, float]:
+    """Circle through (N, 2) points: centre (2,), radius, and the median absolute distance of
+    the points from it (pixels).
+
+    Robust (soft-L1 beyond ``robust_px``): silhouette points on a stand or a rim reflection
+    do not pull the fit. With ``radius`` given only the centre is fitted (a short arc fixes the
+    centre well but trades the radius against it)."""
+    from scipy.optimize import least_squares
+
+    p = np.asarray(points, np.float64)
+    if len(p) < 3:
+        raise LightError(f"a circle needs >= 3 silhouette points, got {len(p)}")
+    A = np.c_[2 * p, np.ones(len(p))]
+    cx, cy, k = np.linalg.lstsq(A, (p ** 2).sum(1), rcond=None)[0]  # algebraic start
+    r0 = float(np.sqrt(max(k + cx * cx + cy * cy, 1e-12)))
+    kw = dict(loss="soft_l1", f_scale=float(robust_px))
+    if radius is None:
+        f = least_squares(lambda q: np.hypot(p[:, 0] - q[0], p[:, 1] - q[1]) - q[2], [cx, cy, r0], **kw)
+        c, r = f.x[:2], float(f.x[2])
+    else:
+        f = least_squares(lambda q: np.hypot(p[:, 0] - q[0], p[:, 1] - q[1]) - radius, [cx, cy], **kw)
+        c, r = f.x, float(radius)
+    return c, r, float(np.median(np.abs(np.hypot(p[:, 0] - c[0], p[:, 1] - c[1]) - r)))
+
+
+def chrome_ball_directions(lums, centre, radius: float, region: np.ndarray | None = None,
+                           cam: CameraModel | None = None, edges: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Light directions (N, 3) and highlight pixels (N, 2) from N single-light images of a
+    mirror ball seen by one camera.
+
+    ``lums``: (N, H, W) luminance; ``centre``/``radius``: the ball's silhouette circle
+    (pixels); ``region``: where to look for highlights (default: the disc). Highlights are
+    :func:`find_highlight`'s background-subtracted centroids (a saturated core and its rim).
+
+    Without ``cam`` the view is orthographic and the directions are in the viewer frame (x
+    right, y up, z towards the camera). With ``cam`` the sphere (unit radius: directions do
+    not depend on the scale) is placed by :func:`fit_sphere` on the silhouette rays of
+    ``edges`` (default: 360 points of the circle; points more than 2 px off the circle are
+    dropped) and the exact view ray of each highlight is reflected (:func:`mirror_ray`);
+    directions are then in ``cam``'s world frame.
+    """
+    from lightstage.envmap import mirrorball_direction
+
+    lums = np.asarray(lums)
+    if lums.ndim == 2:
+        lums = lums[None]
+    H, W = lums.shape[1:]
+    if region is None:
+        v, u = np.mgrid[0:H, 0:W]
+        region = (u - centre[0]) ** 2 + (v - centre[1]) ** 2 <= radius ** 2
+    sphere = None
+    if cam is not None:
+        if edges is None:
+            t = np.radians(np.arange(0.0, 360.0, 1.0))
+            edges = np.c_[centre[0] + radius * np.cos(t), centre[1] + radius * np.sin(t)]
+        edges = np.asarray(edges, np.float64).reshape(-1, 2)
+        # the sphere fit is least squares: points off the circle (a stand, a rim reflection)
+        # would pull it, so only those within 2 px of it are used
+        edges = edges[np.abs(np.hypot(edges[:, 0] - centre[0], edges[:, 1] - centre[1]) - radius) < 2.0]
+        if len(edges) < 20:
+            raise LightError(f"only {len(edges)} silhouette points within 2 px of the ball circle")
+        sphere, _ = fit_sphere({"cam": edges}, {"cam": cam}, 1.0)
+    dirs, uvs = [], []
+    for i, lum in enumerate(lums):
+        h = find_highlight(lum, region)
+        if h is None:
+            raise LightError(f"image {i}: no highlight on the ball (nothing much brighter than "
+                             "its median inside the region)")
+        uv = h[0]
+        if sphere is None:
+            d = mirrorball_direction(uv[0], uv[1], centre, radius)
+        else:
+            m = mirror_ray(cam, uv, sphere, 1.0, max_incidence_deg=89.0)
+            if m is None:
+                raise LightError(f"image {i}: highlight at {np.round(uv, 1).tolist()} misses the "
+                                 "fitted sphere")
+            d = m[1]
+        dirs.append(d / np.linalg.norm(d))
+        uvs.append(uv)
+    return np.asarray(dirs), np.asarray(uvs)
