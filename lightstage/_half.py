@@ -69,14 +69,17 @@ def default_threads() -> int:
     return max(1, min(4, n))
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
+    # keyed by process id: a pool inherited through fork() (Dask or multiprocessing workers)
+    # has no threads in the child and would never run a task
+    key = (os.getpid(), n)
     with _LOCK:
-        if n not in _POOLS:
-            _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="ls-f16")
-        return _POOLS[n]
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(n, thread_name_prefix="ls-f16")
+        return _POOLS[key]
 
 
 def combine_f16(x: np.ndarray, w: np.ndarray, out: np.ndarray, threads: int | None = None,
