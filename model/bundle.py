@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 __all__ = ["BUNDLE_FORMAT", "DEFAULT_BUNDLE", "BundleError", "BundleConfig", "Bundle", "fibonacci_lights",
-           "twin_camera", "label_rays", "twin_olats", "build_bundle", "load_bundle", "main"]
+           "TEMPLATE_POSES", "twin_pose_observations", "pose_errors_deg", "fit_twin_landmark_template", "twin_camera", "label_rays", "twin_olats", "build_bundle", "load_bundle", "main"]
 
 BUNDLE_FORMAT = "lightstage-portrait-bundle"
 BUNDLE_VERSION = 1
@@ -73,6 +73,8 @@ class BundleConfig:
     refl_subjects, refl_views, refl_res : twin OLAT training data (subjects x views, R x R rays).
     refl_steps, refl_rays, refl_lights, refl_basis : reflectance training.
     max_samples : samples kept per ray from the prior's density.
+    threads : torch CPU threads during the build (1: bit-identical rebuilds).
+    template_subjects : training subjects whose landmarks give the pose template (0: none).
     """
 
     seed: int = 0
@@ -91,13 +93,14 @@ class BundleConfig:
     refl_basis: int = 16
     max_samples: int = 8
     threads: int = 1
+    template_subjects: int = 10
 
     @classmethod
     def quick(cls, **kw) -> "BundleConfig":
         """Minutes-scale settings for tests and ``ls-demo --quick`` without a bundle."""
         base = dict(prior_subjects=6, prior_views=2, prior_steps=20, encoder_steps=10, encoder_pool=16,
                     n_lights=32, refl_subjects=2, refl_views=1, refl_res=16, refl_steps=30, refl_rays=128,
-                    refl_lights=8, max_samples=6)
+                    refl_lights=8, max_samples=6, template_subjects=0)
         base.update(kw)
         return cls(**base)
 
@@ -148,6 +151,65 @@ def twin_olats(scene, label, light_dirs: np.ndarray, res: int) -> tuple[np.ndarr
     return np.nan_to_num(out), scene.truth(cam)["mask"].reshape(-1).astype(bool)
 
 
+# ------------------------------------------------------------------ landmark template (pose)
+
+#: (yaw, pitch) degrees of the twin views used to fit and to check the pose template
+TEMPLATE_POSES = ((0.0, 0.0), (20.0, 0.0), (-20.0, 0.0), (0.0, 10.0), (0.0, -10.0), (15.0, 5.0), (-15.0, -5.0))
+
+
+def twin_pose_observations(seeds, poses=TEMPLATE_POSES, size: int = 256, detector=None) -> list[dict]:
+    """Render twin heads at known EG3D cameras, detect and align them as a photo would be
+    (``model.face.prepare_portrait``). Returns one dict per detected view: seed, yaw, pitch,
+    ``landmarks_crop`` (5, 2), ``true`` (4, 4) cam2world; views without a detection are skipped."""
+    from model.encoder import from_generator_domain
+    from model.face import MTCNNDetector, NoFaceFound, prepare_portrait
+    from model.train_encoder import look_at_labels, render_twin_views
+
+    det = detector or MTCNNDetector()
+    out = []
+    for s in seeds:
+        for yaw, pitch in poses:
+            lab = look_at_labels(np.radians([yaw]), np.radians([pitch]))
+            img, _ = render_twin_views([int(s)], lab, size)
+            lin = from_generator_domain(img[0]).permute(1, 2, 0).numpy().astype(np.float32)
+            try:
+                pp = prepare_portrait(lin, size=size, detector=det)
+            except NoFaceFound:
+                continue
+            out.append({"seed": int(s), "yaw": yaw, "pitch": pitch, "landmarks_crop": pp.meta["landmarks_crop"],
+                        "true": lab[0, :16].reshape(4, 4).astype(np.float64)})
+    return out
+
+
+def pose_errors_deg(observations: list[dict], template=None, size: int = 256) -> np.ndarray:
+    """(N, 3) per observation: angle between estimated and true camera centre, and the signed
+    yaw and pitch errors (degrees) of :func:`model.face.estimate_pose` with ``template``."""
+    from model.face import estimate_pose
+
+    def yp(c):
+        c = c / np.linalg.norm(c)
+        return math.degrees(math.atan2(c[0], c[2])), math.degrees(math.asin(np.clip(c[1], -1, 1)))
+
+    rows = []
+    for o in observations:
+        est = estimate_pose(o["landmarks_crop"], size, template=template)[:3, 3]
+        tru = o["true"][:3, 3]
+        ang = math.degrees(math.acos(np.clip(est @ tru / np.linalg.norm(est) / np.linalg.norm(tru), -1, 1)))
+        (ye, pe), (yt, pt) = yp(est), yp(tru)
+        rows.append((ang, ye - yt, pe - pt))
+    return np.asarray(rows).reshape(-1, 3)
+
+
+def fit_twin_landmark_template(seeds, poses=TEMPLATE_POSES, size: int = 256, detector=None) -> np.ndarray:
+    """The 5-point landmark template (5, 3) of the twin's heads in the head frame, triangulated
+    from MTCNN landmarks of ``seeds`` at known cameras (``model.face.fit_landmark_template``)."""
+    from model.face import fit_landmark_template
+
+    obs = twin_pose_observations(seeds, poses, size, detector)
+    return fit_landmark_template(np.stack([o["landmarks_crop"] for o in obs]), np.stack([o["true"] for o in obs]),
+                                 size)
+
+
 # ------------------------------------------------------------------ loading
 
 
@@ -165,6 +227,13 @@ class Bundle:
     @property
     def resolution(self) -> int:
         return int(self.G.cfg.img_resolution)
+
+    @property
+    def landmark_template(self) -> np.ndarray | None:
+        """(5, 3) head-frame landmark template of the faces the model was trained on (pose
+        estimation), or None: the FFHQ/BFM default of ``model.face``."""
+        t = self.meta.get("landmarks_3d")
+        return None if t is None else np.asarray(t, np.float64)
 
 
 def load_bundle(directory: str | os.PathLike | None = None) -> Bundle:
@@ -203,6 +272,13 @@ def load_bundle(directory: str | os.PathLike | None = None) -> Bundle:
         raise BundleError(f"{j}: invalid field 'reflectance'/'light_dirs': {e}") from None
     if dirs.ndim != 2 or dirs.shape[1] != 3 or len(dirs) < 4:
         raise BundleError(f"{j}: field 'light_dirs' must be (L >= 4, 3), got {dirs.shape}")
+    if "landmarks_3d" in doc:
+        try:
+            lm3 = np.asarray(doc["landmarks_3d"], np.float64)
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{j}: invalid field 'landmarks_3d': {e}") from None
+        if lm3.shape != (5, 3) or not np.all(np.isfinite(lm3)):
+            raise BundleError(f"{j}: field 'landmarks_3d' must be a finite (5, 3) array, got {lm3.shape}")
     net = ReflectanceNet(ncfg)
     rp = d / "reflectance.safetensors"
     try:
@@ -352,6 +428,23 @@ def build_bundle(out: str | os.PathLike, cfg: BundleConfig | None = None, overwr
         light_dirs = fibonacci_lights(cfg.n_lights)
         net, rhist, scale = _train_reflectance(G, codes, seeds, cfg, light_dirs, progress)
         timings["reflectance_s"] = time.perf_counter() - t1
+        # 4. the twin heads' landmark template, so poses of twin-like faces are unbiased
+        t1 = time.perf_counter()
+        template, tfit = None, None
+        from model.face import detector_available
+
+        if detector_available() and cfg.template_subjects > 0:
+            if progress:
+                progress("pose template", 0, 1, {})
+            tseeds = seeds[:cfg.template_subjects]
+            template = fit_twin_landmark_template(tseeds)
+            tfit = {"what": "5-point landmark template (eyes, nose, mouth corners) of the twin heads in the "
+                            "head frame, for pose estimation (model.face.estimate_pose)",
+                    "subject_seeds": tseeds, "poses_yaw_pitch_deg": [list(p) for p in TEMPLATE_POSES], "size": 256,
+                    "function": "model.bundle.fit_twin_landmark_template"}
+            if progress:
+                progress("pose template", 1, 1, {})
+        timings["template_s"] = time.perf_counter() - t1
         timings["total_s"] = time.perf_counter() - t0
         # write
         out.mkdir(parents=True, exist_ok=True)
@@ -366,6 +459,7 @@ def build_bundle(out: str | os.PathLike, cfg: BundleConfig | None = None, overwr
                 "light_units": "OLAT radiance per unit irradiance of a distant light",
                 "reflectance": net.cfg.to_dict(),
                 "display": {"operator": "aces", "exposure_ev": 0.0},
+                **({"landmarks_3d": template.tolist(), "landmarks_3d_fit": tfit} if template is not None else {}),
                 "build": {"command": "python -m model.bundle build --out model/assets/default",
                           "config": asdict(cfg), "timings": timings,
                           "twin_subject_seeds": seeds,

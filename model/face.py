@@ -71,6 +71,7 @@ __all__ = [
     "alignment_from_box",
     "canonical_landmarks",
     "estimate_pose",
+    "fit_landmark_template",
     "prepare_portrait",
 ]
 
@@ -759,7 +760,48 @@ def _K_pixels(size: int) -> np.ndarray:
     return np.array([[f, 0, c], [0, f, c], [0, 0, 1]], dtype=np.float64)
 
 
-def estimate_pose(landmarks_crop: np.ndarray, size: int, radius: float = EG3D_RADIUS) -> np.ndarray:
+def _template(template) -> np.ndarray:
+    if template is None:
+        return LM5_EG3D.astype(np.float64)
+    t = np.asarray(template, np.float64)
+    if t.shape != (5, 3) or not np.all(np.isfinite(t)):
+        raise PortraitError(f"landmark template must be a finite (5, 3) array, got shape {t.shape}")
+    return t
+
+
+def fit_landmark_template(landmarks_crop: np.ndarray, cam2worlds: np.ndarray, size: int) -> np.ndarray:
+    """The 3D landmark template (5, 3) in the head frame that explains observed crop landmarks
+    from known cameras: linear (DLT) triangulation of each landmark over all observations.
+
+    landmarks_crop (N, 5, 2) pixels in ``size`` aligned crops, as :func:`prepare_portrait` gives
+    them (``meta['landmarks_crop']``); cam2worlds (N, 4, 4) the true EG3D head-frame cameras of
+    those views (radius 2.7). The intrinsics are EG3D's (what :func:`estimate_pose` assumes),
+    so the detector's own placement of the points and the crop's effect are both absorbed:
+    :func:`estimate_pose` with the fitted template is unbiased on faces like those observed.
+    Pooling several subjects gives their mean face.
+    """
+    lm = np.asarray(landmarks_crop, np.float64).reshape(-1, 5, 2)
+    c2w = np.asarray(cam2worlds, np.float64).reshape(-1, 4, 4)
+    if len(lm) != len(c2w) or len(lm) < 2:
+        raise PortraitError(f"need >= 2 views with landmarks and cameras, got {len(lm)} and {len(c2w)}")
+    K = _K_pixels(size)
+    P = []
+    for c in c2w:
+        R = c[:3, :3].T
+        P.append(K @ np.concatenate([R, (-R @ c[:3, 3])[:, None]], 1))
+    out = np.empty((5, 3))
+    for j in range(5):
+        rows = []
+        for Pi, (u, v) in zip(P, lm[:, j]):
+            rows += [u * Pi[2] - Pi[0], v * Pi[2] - Pi[1]]
+        _, _, vt = np.linalg.svd(np.asarray(rows))
+        X = vt[-1]
+        out[j] = X[:3] / X[3]
+    return out
+
+
+def estimate_pose(landmarks_crop: np.ndarray, size: int, radius: float = EG3D_RADIUS,
+                  template: np.ndarray | None = None) -> np.ndarray:
     """EG3D camera pose (cam2world in the head frame) from 5 landmarks in the aligned crop.
 
     Parameters
@@ -767,6 +809,9 @@ def estimate_pose(landmarks_crop: np.ndarray, size: int, radius: float = EG3D_RA
     landmarks_crop : (5, 2) pixels in a ``size`` x ``size`` aligned crop.
     size : crop side.
     radius : distance of the camera from the head-frame origin (EG3D: 2.7).
+    template : (5, 3) head-frame landmark template (default :data:`LM5_EG3D`, the FFHQ/BFM
+        convention of real faces); a model trained on other faces carries its own
+        (:func:`fit_landmark_template`; the bundled twin model's is in its bundle.json).
 
     Returns
     -------
@@ -780,11 +825,14 @@ def estimate_pose(landmarks_crop: np.ndarray, size: int, radius: float = EG3D_RA
     well; the sphere constraint removes that freedom.
 
     Accuracy: exact for landmarks that follow the template (tests). On digital-twin renders with
-    known cameras (MTCNN landmarks) we measured 6 deg (yaw 20 deg) and 14 deg (frontal) of
-    error, mostly as a too-high camera: MTCNN's nose point sits lower between eyes and mouth
-    than the BFM template's nose tip, which PnP reads as pitch. EG3D itself takes the pose from
-    a full 3DMM fit (Deep3DFaceRecon), which is not available offline here; pass ``cam2world``
-    to :func:`prepare_portrait` when a better pose is known.
+    known cameras (MTCNN landmarks, 5 held-out subjects x 5 poses) the BFM template gives a mean
+    error of 13 deg, almost all of it pitch (+12.6 deg: camera read as too high): the twin's
+    stylised heads have the nose point at 0.64 of the eye-to-mouth height where real faces (and
+    the template) have it at ~0.5, which PnP can only read as pitch. With the template fitted
+    to the twin's training subjects the error drops to a few degrees (tests/test_face.py). The
+    geometry of one face in one photo cannot separate nose shape from pitch; EG3D itself takes
+    the pose from a full 3DMM fit (Deep3DFaceRecon), which is not available offline here; pass
+    ``cam2world`` to :func:`prepare_portrait` when a better pose is known.
     """
     import cv2
 
@@ -792,7 +840,7 @@ def estimate_pose(landmarks_crop: np.ndarray, size: int, radius: float = EG3D_RA
     if not np.all(np.isfinite(p2)):
         raise PortraitError("landmarks for pose estimation are not finite")
     K = _K_pixels(size)
-    obj = LM5_EG3D.astype(np.float64)
+    obj = _template(template)
     ok, rvec, tvec = cv2.solvePnP(obj, p2, K, None, flags=cv2.SOLVEPNP_SQPNP)
     if not ok:
         raise PortraitError("pose estimation failed (PnP found no solution)")
@@ -846,6 +894,7 @@ def prepare_portrait(
     box=None,
     cam2world: np.ndarray | None = None,
     detector: MTCNNDetector | None = None,
+    template: np.ndarray | None = None,
 ) -> PreparedPortrait:
     """Load (if a path), detect, align, and estimate the pose of one portrait.
 
@@ -858,6 +907,8 @@ def prepare_portrait(
         ``cam2world`` or EG3D's frontal camera.
     cam2world : optional (4, 4) pose that overrides the estimate.
     detector : a reusable :class:`MTCNNDetector` (constructed on demand otherwise).
+    template : (5, 3) landmark template for the pose (:func:`estimate_pose`; default the
+        FFHQ/BFM one).
 
     Raises
     ------
@@ -897,6 +948,7 @@ def prepare_portrait(
     al = align_face(lm, img.shape[:2], size)
     crop = al.warp(img)
     lm_crop = al.apply_points(lm)
-    pose = np.asarray(cam2world, np.float64) if cam2world is not None else estimate_pose(lm_crop, size)
+    pose = (np.asarray(cam2world, np.float64) if cam2world is not None
+            else estimate_pose(lm_crop, size, template=template))
     return PreparedPortrait(crop, pose, eg3d_label(pose), al, np.asarray(lm), source, det,
                             meta={"landmarks_crop": lm_crop})

@@ -134,7 +134,10 @@ def prepare(image, bundle, crop_size: int = 256, landmarks=None, box=None, detec
     """
     from model.face import prepare_portrait
 
-    prep = prepare_portrait(image, size=crop_size, landmarks=landmarks, box=box, detector=detector)
+    # the pose follows the model's own head frame: a bundle trained on twin heads carries their
+    # landmark template (model.bundle.fit_twin_landmark_template), else the FFHQ/BFM one
+    prep = prepare_portrait(image, size=crop_size, landmarks=landmarks, box=box, detector=detector,
+                            template=getattr(bundle, "landmark_template", None))
     R = bundle.resolution
     small = torch.nn.functional.interpolate(torch.from_numpy(prep.image).permute(2, 0, 1)[None], size=(R, R),
                                             mode="area")[0].permute(1, 2, 0).numpy()

@@ -231,6 +231,47 @@ def test_estimate_pose_recovers_known_cameras(yaw, pitch):
     np.testing.assert_allclose(est, c2w, atol=1e-5)
 
 
+def _project_template(tpl, c2w, size):
+    R = c2w[:3, :3].T
+    pc = tpl @ R.T + (-R @ c2w[:3, 3])
+    K = F._K_pixels(size)
+    return (pc[:, :2] / pc[:, 2:]) @ K[:2, :2].T + K[:2, 2]
+
+
+def test_fit_landmark_template_recovers_a_known_face():
+    """Triangulation from known cameras recovers a template that is not the BFM one, and
+    estimate_pose with it is exact again for that face."""
+    rng = np.random.default_rng(4)
+    tpl = F.LM5_EG3D + rng.normal(0, 0.02, (5, 3))
+    size = 256
+    cams = [_look_at(2.7 * np.array([np.sin(y) * np.cos(p), np.sin(p), np.cos(y) * np.cos(p)]), np.array([0, 0, 0.2]))
+            for y, p in np.radians([(0, 0), (20, 0), (-20, 5), (0, 10), (10, -10)])]
+    lms = np.stack([_project_template(tpl, c, size) for c in cams])
+    np.testing.assert_allclose(F.fit_landmark_template(lms, np.stack(cams), size), tpl, atol=1e-6)
+    np.testing.assert_allclose(F.estimate_pose(lms[2], size, template=tpl), cams[2], atol=1e-5)
+    with pytest.raises(F.PortraitError, match="template"):
+        F.estimate_pose(lms[0], size, template=np.zeros((4, 3)))
+
+
+@needs_detector
+def test_pose_of_held_out_twin_heads_with_the_bundles_template():
+    """Pose from MTCNN landmarks on held-out twin subjects vs their true cameras: the bundled
+    model's landmark template (fitted on training subjects) removes the BFM template's pitch
+    bias (the twin's stylised nose sits low)."""
+    from model.bundle import DEFAULT_BUNDLE, load_bundle, pose_errors_deg, twin_pose_observations
+
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        pytest.skip("bundled model missing")
+    tpl = load_bundle().landmark_template
+    assert tpl is not None
+    obs = twin_pose_observations([10_000_019, 10_000_022], poses=((0.0, 0.0), (20.0, 0.0), (-15.0, -5.0)))
+    assert len(obs) >= 5
+    bfm, twin = pose_errors_deg(obs), pose_errors_deg(obs, tpl)
+    assert bfm[:, 2].mean() > 8  # the known bias of the BFM template on these heads
+    assert abs(twin[:, 2].mean()) < 3 and abs(twin[:, 1].mean()) < 3, twin
+    assert twin[:, 0].mean() < 6 and twin[:, 0].mean() < 0.5 * bfm[:, 0].mean(), (twin, bfm)
+
+
 def test_frontal_camera_matches_eg3d_c_front():
     # EG3D's c_front sees the template at (x, y) -> image centre +- template; PnP returns it.
     size = 512
