@@ -283,10 +283,11 @@ def posed_geometry(t_src, d_src, src_row0, o_w, T, w2c, K, dist, d_blk, r0, r1, 
 
 
 @_jit
-def gbuffer(o_s, d_s, t, c, G, mat, n, p, vn, vp):
-    """Surface data of M hit pixels: point x (M, 3) float64, normal (M, 3) float32, material
-    (M, C) float32, view vector (M, 3) float32, n.v (M,) float32 and the visibility cube
-    map's lookup (4 texel indices (4, M) int64, 4 weights (4, M) float32)."""
+def gbuffer(o_s, Rm, d_w, t, c, G, mat, n, p, vn, vp):
+    """Surface data of M hit pixels along subject-space rays o_s + t Rm d_w (d_w (M, 3) world
+    directions, Rm the world -> subject rotation): point x (M, 3) float64, normal (M, 3)
+    float32, material (M, C) float32, view vector (M, 3) float32, n.v (M,) float32 and the
+    visibility cube map's lookup (4 texel indices (4, M) int64, 4 weights (4, M) float32)."""
     m = t.shape[0]
     C = mat.shape[1]
     x = np.empty((m, 3))
@@ -297,9 +298,13 @@ def gbuffer(o_s, d_s, t, c, G, mat, n, p, vn, vp):
     vidx = np.empty((4, m), np.int64)
     vw = np.empty((4, m), np.float32)
     for i in range(m):
-        x0 = o_s[0] + d_s[i, 0] * t[i]
-        x1 = o_s[1] + d_s[i, 1] * t[i]
-        x2 = o_s[2] + d_s[i, 2] * t[i]
+        a, b_, c_ = d_w[i, 0], d_w[i, 1], d_w[i, 2]
+        e0 = Rm[0, 0] * a + Rm[0, 1] * b_ + Rm[0, 2] * c_
+        e1 = Rm[1, 0] * a + Rm[1, 1] * b_ + Rm[1, 2] * c_
+        e2 = Rm[2, 0] * a + Rm[2, 1] * b_ + Rm[2, 2] * c_
+        x0 = o_s[0] + e0 * t[i]
+        x1 = o_s[1] + e1 * t[i]
+        x2 = o_s[2] + e2 * t[i]
         x[i, 0], x[i, 1], x[i, 2] = x0, x1, x2
         r0, r1, r2 = x0 - c[0], x1 - c[1], x2 - c[2]
         rho = math.sqrt(r0 * r0 + r1 * r1 + r2 * r2)
@@ -318,7 +323,7 @@ def gbuffer(o_s, d_s, t, c, G, mat, n, p, vn, vp):
         for k in range(C):
             mo[i, k] = (w00 * mat[b, k] + w01 * mat[b + 1, k] + w10 * mat[b + p, k]
                         + w11 * mat[b + p + 1, k])
-        v0, v1, v2 = np.float32(-d_s[i, 0]), np.float32(-d_s[i, 1]), np.float32(-d_s[i, 2])
+        v0, v1, v2 = np.float32(-e0), np.float32(-e1), np.float32(-e2)
         v[i, 0], v[i, 1], v[i, 2] = v0, v1, v2
         ndv[i] = nrm[i, 0] * v0 + nrm[i, 1] * v1 + nrm[i, 2] * v2
         vb, vu, vv = _lookup(r0, r1, r2, vn, vp)

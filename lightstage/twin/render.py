@@ -488,19 +488,21 @@ class StarScene:
             _, d_blk = self._rays(camera, key, r0, r1)
             d = d_blk[i]
             t = tb[i].astype(np.float64)
-            blocks.append(self._surface_gbuffer(o_s, d @ Ti[:3, :3].T, d, t, i + r0 * W))
+            blocks.append(self._surface_gbuffer(o_s, Ti[:3, :3], d, t, i + r0 * W))
         if H * W <= 2 * BLOCK_PIXELS:
             self._gb_cache.put(gkey, blocks)
             return blocks
         return blocks
 
-    def _surface_gbuffer(self, o_s, d_s, d_w, t, pix) -> _GBuffer:
+    def _surface_gbuffer(self, o_s, Rm, d_w, t, pix) -> _GBuffer:
+        """G-buffer of hits at t along subject-space rays o_s + t Rm d_w (d_w world)."""
         S = self.surface
         # compiled: x = o + t d, n = normalize(s - g(s)), materials and the visibility lookup
         x, n, mat, v, ndv, vidx, vw = _k.gbuffer(
-            np.asarray(o_s, np.float64), np.ascontiguousarray(d_s, np.float64), t, S.centre,
-            S.G, self.material, S.cube.n, S.cube.p, self.vis_cube.n, self.vis_cube.p)
-        vis = Lookup(tuple(vidx), tuple(vw))
+            np.asarray(o_s, np.float64), np.ascontiguousarray(Rm, np.float64),
+            np.ascontiguousarray(d_w, np.float64), t, S.centre, S.G, self.material, S.cube.n,
+            S.cube.p, self.vis_cube.n, self.vis_cube.p)
+        vis = Lookup(vidx, vw)  # (4, M) arrays: vidx[k], vw[k] as Lookup expects
         return _GBuffer(pix=pix, t=t, x=x, n=n, v=v, ndv=ndv, mat=mat, vis=vis, d=d_w)
 
     # ------------------------------------------------------------------ shadows
@@ -618,8 +620,8 @@ def _shade(gb: _GBuffer, lp: np.ndarray, rgb: np.ndarray, vis: np.ndarray | None
     """
     use_vis = vis is not None
     tab = vis if use_vis else np.zeros((1, 1), np.uint8)
-    vidx = np.stack(gb.vis.idx)
-    vw = np.stack(gb.vis.w)
+    vidx = np.asarray(gb.vis.idx)
+    vw = np.asarray(gb.vis.w)
     acc = _k.shade(gb.n, gb.v, gb.x, gb.mat, gb.ndv, vidx, vw,
                    np.ascontiguousarray(lp, np.float32), np.ascontiguousarray(rgb, np.float32),
                    tab, use_vis, bool(distant))
