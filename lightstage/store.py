@@ -50,6 +50,7 @@ __all__ = [
     "provenance",
     "write_image",
     "ShardWriter",
+    "RADIANCE_CODEC",
 ]
 
 STORE_FORMAT = "lightstage-store"
@@ -121,8 +122,22 @@ def _jsonable(v):
     return v
 
 
+#: compression of the radiance arrays (olat, tracking). float16 HDR mantissas are noise-like:
+#: zstd level 3 on the plain bytes gave 1.26x at ~25 ms per 384^2 RGB image here, while Blosc's
+#: bit-shuffle (sign/exponent bits grouped apart from the mantissa bits) + LZ4 gives 1.45x at
+#: ~2.5 ms to encode and ~1.4 ms to decode (benchmarks/bench_ingest.py measures the ingest with
+#: it; the comparison is in the ``RADIANCE_CODEC`` note of the README). Stores made with zstd
+#: read the same: the codec is in each array's metadata.
+RADIANCE_CODEC = {"cname": "lz4", "clevel": 3, "shuffle": "bitshuffle"}
+
+
 def _codec():
+    """Codec of the small uint8 arrays (masks, validity): zstd, 0/255 images compress well."""
     return [zarr.codecs.ZstdCodec(level=3)]
+
+
+def _radiance_codec(dtype: str):
+    return [zarr.codecs.BloscCodec(typesize=np.dtype(dtype).itemsize, **RADIANCE_CODEC)]
 
 
 def create_take(
@@ -162,9 +177,10 @@ def create_take(
     # one shard per image: padded up to a whole number of chunks (zarr needs divisibility)
     Hs, Ws = -(-H // t) * t, -(-W // t) * t
     g.create_array("olat", shape=(C, L, 3, H, W), chunks=(1, 1, 3, t, t), shards=(1, 1, 3, Hs, Ws),
-                   dtype=dtype, compressors=_codec(), fill_value=0, dimension_names=OLAT_DIMS)
+                   dtype=dtype, compressors=_radiance_codec(dtype), fill_value=0,
+                   dimension_names=OLAT_DIMS)
     g.create_array("tracking", shape=(C, max(n_tracking, 1), 3, H, W), chunks=(1, 1, 3, t, t),
-                   shards=(1, 1, 3, Hs, Ws), dtype=dtype, compressors=_codec(), fill_value=0,
+                   shards=(1, 1, 3, Hs, Ws), dtype=dtype, compressors=_radiance_codec(dtype), fill_value=0,
                    dimension_names=TRACKING_DIMS)
     g.create_array("mask", shape=(C, H, W), chunks=(1, H, W), dtype="uint8",
                    compressors=_codec(), fill_value=0, dimension_names=MASK_DIMS)
@@ -187,7 +203,7 @@ class ShardWriter:
     thread pool; for one image (e.g. 9 or 144 inner chunks) that costs 10-30 ms here against
     ~2 ms of actual compression (benchmarks/bench_ingest.py, ``shard_writer_vs_zarr``). This
     writer produces the same bytes as zarr for a whole shard: inner chunks encoded with the
-    array's own codecs (bytes little-endian, then zstd or none), concatenated in zarr's Morton
+    array's own codecs (bytes little-endian, then zstd, blosc or none), concatenated in zarr's Morton
     order, followed by the shard index (offset, nbytes) uint64 pairs and its CRC32C, as the
     Zarr v3 ``sharding_indexed`` specification lays out. The file is written to a temporary
     name and renamed, so a killed writer never leaves a truncated shard. One difference from
@@ -228,12 +244,23 @@ class ShardWriter:
             return
         if (inner[0].get("configuration") or {}).get("endian", "little") != "little":
             return
-        self._zstd = None
+        self._codec = None
         if len(inner) == 2 and inner[1]["name"] == "zstd":
             from numcodecs.zstd import Zstd
 
             c = inner[1].get("configuration") or {}
-            self._zstd = Zstd(level=int(c.get("level", 0)), checksum=bool(c.get("checksum", False)))
+            self._codec = Zstd(level=int(c.get("level", 0)), checksum=bool(c.get("checksum", False)))
+        elif len(inner) == 2 and inner[1]["name"] == "blosc":
+            import numcodecs
+            from numcodecs import Blosc
+
+            c = inner[1].get("configuration") or {}
+            if "typesize" not in c or tuple(int(x) for x in numcodecs.__version__.split(".")[:2]) < (0, 16):
+                return  # zarr configures older numcodecs differently: let zarr write
+            self._codec = Blosc.from_config({
+                "cname": c["cname"], "clevel": int(c["clevel"]),
+                "shuffle": {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[c["shuffle"]],
+                "blocksize": int(c.get("blocksize", 0)), "typesize": int(c["typesize"])})
         elif len(inner) != 1:
             return
         self.chunk = tuple(int(x) for x in conf["chunk_shape"])
@@ -290,7 +317,8 @@ class ShardWriter:
             raw = np.ascontiguousarray(x[sl]).astype("<" + self.dtype.str[1:], copy=False)
             if not raw.view(np.uint8).any():
                 continue  # all-zero bytes: zarr's fill value (0) reads back identically
-            b = self._zstd.encode(raw) if self._zstd is not None else raw.tobytes()
+            # encoded as zarr does: the chunk's bytes as a flat uint8 array
+            b = self._codec.encode(raw.view(np.uint8).reshape(-1)) if self._codec is not None else raw.tobytes()
             parts.append(bytes(b))
             index[cc] = (off, len(b))
             off += len(b)
@@ -322,7 +350,12 @@ class ShardWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:  # the folder went away since (a store deleted and remade)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
             f.write(buf)
         os.replace(tmp, path)
 
