@@ -787,11 +787,11 @@ def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int,
     Hs, Ws = -(-H // t) * t, -(-W // t) * t
     zstd = [zarr.codecs.ZstdCodec(level=3)]
     h, w = align.flow_grid_shape(H, W, flow_stride)
-    f = g.create_array("flow", shape=(C, T, 2, h, w), chunks=(1, 1, 2, h, w), dtype="float16",
-                       compressors=zstd, fill_value=0,
-                       dimension_names=("camera", "tracking_frame", "component", "fy", "fx"))
-    f.attrs.update({"stride": int(flow_stride), "units": "pixels (dx, dy)",
-                    "rule": align.FLOW_STORAGE_RULE})
+    g.create_array("flow", shape=(C, T, 2, h, w), chunks=(1, 1, 2, h, w), dtype="float16",
+                   compressors=zstd, fill_value=0,
+                   dimension_names=("camera", "tracking_frame", "component", "fy", "fx"),
+                   attributes={"stride": int(flow_stride), "units": "pixels (dx, dy)",
+                               "rule": align.FLOW_STORAGE_RULE})
     g.create_array("flow_valid", shape=(C, T, H, W), chunks=(1, 1, t, t), shards=(1, 1, Hs, Ws),
                    dtype="uint8", compressors=zstd, fill_value=0,
                    dimension_names=("camera", "tracking_frame", "y", "x"))
@@ -826,12 +826,13 @@ def _prepare_take(spec: _TakeSpec, attrs: dict, prov: dict, cfg: IngestConfig) -
             raise IngestError(f"{store}: take {spec.group!r} exists and was made from other inputs "
                               "or options; use --overwrite to replace it")
         return g, True
+    # provenance goes in with the other attributes: one metadata write, not two
+    attrs = dict(attrs, provenance=json.loads(json.dumps(provenance(**prov, skipped=[]), default=str)))
     g = create_take(store, spec.group.split("/")[0], spec.group.split("/")[1],
                     cameras=[c.name for c in spec.cameras], n_lights=L, n_tracking=T, height=H,
                     width=W, attrs=attrs, dtype=spec.dtype, scale=spec.scale,
                     overwrite=cfg.overwrite)
     _create_extra(g, C, T, L, H, W, cfg.flow_stride)
-    g.attrs["provenance"] = json.loads(json.dumps(provenance(**prov, skipped=[]), default=str))
     return g, False
 
 
@@ -946,9 +947,9 @@ def ingest(capture: str | Path | list[str | Path], calibration: str | Path, out:
     for spec, attrs, prov in plans:
         spec.run_id = run_id
         g, resumed = _prepare_take(spec, attrs, prov, cfg)
-        takes.append((spec, g))
+        takes.append((spec, g, resumed))
         report.takes.append(spec.group)
-    total = sum(len(s.cameras) * (len(s.olat) + len(s.tracking)) for s, _ in takes)
+    total = sum(len(s.cameras) * (len(s.olat) + len(s.tracking)) for s, _, _ in takes)
     client, cluster = _make_client(workers, scheduler)
     report.dashboard = getattr(client, "dashboard_link", None)
     if progress and report.dashboard:
@@ -957,8 +958,9 @@ def ingest(capture: str | Path | list[str | Path], calibration: str | Path, out:
         progress("start", 0, total)
     done_count = 0
     try:
-        for spec, g in takes:
-            done_count = _run_take(spec, g, client, cfg, report, progress, done_count, total)
+        for spec, g, resumed in takes:
+            done_count = _run_take(spec, g, client, cfg, report, progress, done_count, total,
+                                   resumed)
     finally:
         client.close()
         if cluster is not None:
@@ -967,16 +969,23 @@ def ingest(capture: str | Path | list[str | Path], calibration: str | Path, out:
     return report
 
 
-def _run_take(spec, g, client, cfg, report, progress, done_count, total) -> int:
+def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed=True) -> int:
     C, L, T = len(spec.cameras), len(spec.olat), len(spec.tracking)
-    done = np.asarray(g["done"][...])
-    tdone = np.asarray(g["tracking_done"][...])
-    sums = np.asarray(g["checksum"][...])
-    tsums = np.asarray(g["tracking_checksum"][...])
-    prev_ok = np.asarray(g["tracking_ok"][...]).astype(np.uint8)
-    prov = dict(g.attrs.get("provenance") or {})
+    Tn = max(T, 1)
+    if resumed:
+        done = np.asarray(g["done"][...])
+        tdone = np.asarray(g["tracking_done"][...])
+        sums = np.asarray(g["checksum"][...])
+        tsums = np.asarray(g["tracking_checksum"][...])
+        prev_ok = np.asarray(g["tracking_ok"][...]).astype(np.uint8)
+        prov = dict(g.attrs.get("provenance") or {})
+        refs = list(g.attrs.get("reference_frames") or [None] * C)
+    else:  # just created: every flag is 0 (no metadata round trips for what is known)
+        done, tdone = np.zeros((C, L), np.uint8), np.zeros(C, np.uint8)
+        sums, tsums = np.zeros((C, L), np.uint64), np.zeros((C, Tn), np.uint64)
+        prev_ok = np.zeros((C, Tn), np.uint8)
+        prov, refs = {}, [None] * C
     skipped = list(prov.get("skipped") or [])
-    refs = list(g.attrs.get("reference_frames") or [None] * C)
     serial = isinstance(client, _Serial)
 
     def tick(n=1):
@@ -1002,7 +1011,7 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total) -> int:
             g["tracking_checksum"][...] = tsums
             g["tracking_done"][...] = tdone
         if len(skipped) != state["nskip"]:
-            p = dict(g.attrs.get("provenance") or {})
+            p = dict(g.attrs.get("provenance") or {})  # read back: only "skipped" changes
             p["skipped"] = skipped
             g.attrs["provenance"] = p
         state.update(olat=False, track=False, nskip=len(skipped))
