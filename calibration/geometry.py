@@ -35,6 +35,7 @@ __all__ = [
     "Detection",
     "PlanarPattern",
     "charuco_pattern",
+    "refine_saddle_corners",
     "chessboard_pattern",
     "parse_board",
     "DISTORTION_MODELS",
@@ -102,6 +103,142 @@ def charuco_pattern(spec: BoardSpec) -> PlanarPattern:
 
     return PlanarPattern(f"charuco {spec.squares[0]}x{spec.squares[1]}",
                          np.asarray(board.getChessboardCorners(), np.float64), detect)
+
+
+def refine_saddle_corners(lum: np.ndarray, det: Detection, board_xy: np.ndarray, clear: float,
+                          margin_px: float = 1.0, min_pixels: int = 12, max_shift_px: float = 1.5,
+                          max_misfit: float = 0.2, iterations: int = 20) -> Detection | None:
+    """Sub-pixel chessboard corners by fitting a blurred-saddle model to *linear* image data.
+
+    ``CharucoDetector`` refines corners with ``cornerSubPix`` on an 8-bit tone-mapped image;
+    on the twin its corners are off by ~0.17 px RMS (0.11 px median) even without noise. Here
+    every corner's neighbourhood is fitted, by batched Levenberg-Marquardt, with
+
+        I(p) = b + a erf(d1(p) / (sqrt(2) sigma)) erf(d2(p) / (sqrt(2) sigma))
+
+    where d1, d2 are the signed pixel distances to the two board lines through the corner
+    (their angles free), sigma the blur (optics, pixel footprint, demosaic) -- the image of a
+    saddle blurred by an isotropic Gaussian, exact for orthogonal lines and point-symmetric
+    about the corner in general, so the fitted corner is unbiased on a symmetric window.
+    The window is the marker-free square of half-size ``clear`` (board units) around the corner,
+    mapped into the image by the view's board->image homography from the detected corners,
+    less ``margin_px`` (the blur of the marker edges). Linear data matter: blur acts on
+    radiance, and the tone curve would make the edge profiles asymmetric.
+
+    Parameters
+    ----------
+    lum : (H, W) linear luminance
+    det : the detector's corners (initial positions)
+    board_xy : (N, 2) board coordinates of ``det``'s corners (same units as ``clear``)
+    clear : half-size of the marker-free square around a corner ((square - marker) / 2 for
+        ChArUco)
+    margin_px, min_pixels, max_shift_px, max_misfit : corners whose window is smaller than
+        ``min_pixels``, that move more than ``max_shift_px``, or whose RMS misfit exceeds
+        ``max_misfit`` of the saddle's amplitude are dropped (strongly foreshortened views,
+        occlusions): a dropped corner costs less than a wrong one.
+
+    Returns
+    -------
+    Detection with the refined corners that passed (None when fewer than 4 did).
+    """
+    import cv2
+    from scipy.special import erf
+
+    N = len(det.ids)
+    if N < 4:
+        return None
+    lum = np.asarray(lum, np.float64)
+    q0 = np.asarray(det.corners, np.float64)
+    xy = np.asarray(board_xy, np.float64)
+    Hm, _ = cv2.findHomography(xy, q0, 0)
+    if Hm is None:
+        return None
+    # Jacobian of board -> pixels at each corner (columns: image directions of board x, y)
+    X = np.c_[xy, np.ones(N)]
+    w = X @ Hm[2]
+    u, v = X @ Hm[0] / w, X @ Hm[1] / w
+    J = np.empty((N, 2, 2))
+    J[:, 0, 0], J[:, 0, 1] = (Hm[0, 0] - u * Hm[2, 0]) / w, (Hm[0, 1] - u * Hm[2, 1]) / w
+    J[:, 1, 0], J[:, 1, 1] = (Hm[1, 0] - v * Hm[2, 0]) / w, (Hm[1, 1] - v * Hm[2, 1]) / w
+    det_J = np.abs(np.linalg.det(J))
+    if not np.all(det_J > 0):
+        return None
+    # one window size per view: the marker-free square's largest extent in pixels
+    r = int(np.clip(np.ceil(clear * np.abs(J).sum(2).max()) + 1, 3, 15))
+    oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
+    pts = np.round(q0).astype(int)[:, None, :] + np.stack([ox.ravel(), oy.ravel()], 1)[None]
+    Hh, Ww = lum.shape
+    inb = (pts[..., 0] >= 0) & (pts[..., 0] < Ww) & (pts[..., 1] >= 0) & (pts[..., 1] < Hh)
+    I = lum[np.clip(pts[..., 1], 0, Hh - 1), np.clip(pts[..., 0], 0, Ww - 1)]
+    pf = pts.astype(np.float64)
+    st = np.einsum("nij,npj->npi", np.linalg.inv(J), pf - q0[:, None, :])
+    lim = clear - margin_px / np.sqrt(det_J)[:, None]
+    m = (inb & (np.abs(st[..., 0]) < lim) & (np.abs(st[..., 1]) < lim)).astype(np.float64)
+    npx = m.sum(1)
+    # start: lines along the board axes, sigma 0.8 px, amplitude signed by the quadrants
+    th1 = np.arctan2(J[:, 1, 0], J[:, 0, 0])
+    th2 = np.arctan2(J[:, 1, 1], J[:, 0, 1])
+    b0 = (I * m).sum(1) / np.maximum(npx, 1)
+    quad = np.sign(st[..., 0]) * np.sign(st[..., 1])
+    a0 = (m * (I - b0[:, None]) * quad).sum(1) / np.maximum(npx, 1)
+    x = np.stack([q0[:, 0], q0[:, 1], th1, th2, np.full(N, 0.8), a0 * 1.3, b0], 1)
+
+    def model(x, jac: bool):
+        """Residuals (N, P) and, with ``jac``, their analytic Jacobian (N, P, 7)."""
+        dx = pf[..., 0] - x[:, None, 0]
+        dy = pf[..., 1] - x[:, None, 1]
+        s1, c1 = np.sin(x[:, None, 2]), np.cos(x[:, None, 2])
+        s2, c2 = np.sin(x[:, None, 3]), np.cos(x[:, None, 3])
+        e1, e2 = s1 * dx - c1 * dy, s2 * dx - c2 * dy
+        sig = np.maximum(np.abs(x[:, None, 4]), 0.05)
+        s = np.sqrt(2) * sig
+        E1, E2 = erf(e1 / s), erf(e2 / s)
+        a = x[:, None, 5]
+        f = (x[:, None, 6] + a * E1 * E2 - I) * m
+        if not jac:
+            return f, None
+        g1 = (2 / np.sqrt(np.pi)) * np.exp(-(e1 / s) ** 2) / s  # dE1/de1
+        g2 = (2 / np.sqrt(np.pi)) * np.exp(-(e2 / s) ** 2) / s
+        Jm = np.empty(f.shape + (7,))
+        Jm[..., 0] = -a * (g1 * s1 * E2 + E1 * g2 * s2)
+        Jm[..., 1] = a * (g1 * c1 * E2 + E1 * g2 * c2)
+        Jm[..., 2] = a * g1 * (c1 * dx + s1 * dy) * E2
+        Jm[..., 3] = a * E1 * g2 * (c2 * dx + s2 * dy)
+        # dE/ds = -g e / s, ds/dsigma = sqrt(2) sign(sigma)
+        Jm[..., 4] = -a * (g1 * e1 * E2 + E1 * g2 * e2) / s * np.sqrt(2) * np.sign(x[:, None, 4])
+        Jm[..., 5] = E1 * E2
+        Jm[..., 6] = 1.0
+        return f, Jm * m[..., None]
+
+    f, Jm = model(x, True)
+    c = (f ** 2).sum(1)
+    lam = np.full(N, 1e-3)
+    eye = np.eye(7)[None]
+    done = np.zeros(N, bool)
+    for _ in range(iterations):
+        A = np.einsum("npi,npj->nij", Jm, Jm)
+        g = np.einsum("npi,np->ni", Jm, f)
+        D = np.einsum("nii->ni", A) + 1e-12
+        try:
+            dx = -np.linalg.solve(A + lam[:, None, None] * eye * D[:, :, None], g[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            break
+        xn = x + dx
+        fn, Jn = model(xn, True)
+        cn = (fn ** 2).sum(1)
+        better = cn < c
+        x[better], f[better], c[better], Jm[better] = xn[better], fn[better], cn[better], Jn[better]
+        lam = np.where(better, lam * 0.3, lam * 10)
+        done |= better & (np.abs(dx[:, :2]).max(1) < 1e-4)
+        if np.all(done | (lam > 1e8)):
+            break
+    q = x[:, :2]
+    misfit = np.sqrt(c / np.maximum(npx, 1)) / np.maximum(np.abs(x[:, 5]), 1e-30)
+    ok = (np.isfinite(q).all(1) & (npx >= min_pixels) & (misfit < max_misfit)
+          & (np.linalg.norm(q - q0, axis=1) < max_shift_px))
+    if ok.sum() < 4:
+        return None
+    return Detection(det.ids[ok].copy(), q[ok].copy())
 
 
 def chessboard_pattern(inner: tuple[int, int], square: float = 1.0) -> PlanarPattern:
@@ -363,7 +500,6 @@ def calibrate_rig(pattern: PlanarPattern, detections: dict[str, dict[int, Detect
     names = sorted(init)
     views = sorted(v for v in b2w if v != ref_view)
     vidx = {v: i for i, v in enumerate(views)}
-    n_intr = 9
     free_intr = [0, 1, 2, 3] + [4 + _DIST_INDEX[n] for n in DISTORTION_MODELS[distortion]]
     nI = len(free_intr)
     nC = nI + 6

@@ -33,7 +33,8 @@ from lightstage.targets_spec import BoardSpec, ChartSpec, colorchecker_reference
 from .colour import (ChartNotFound, ColourFit, chart_from_corners, cross_camera_spread,
                      detect_chart, fit_colour, illumination_flatten, sample_patches,
                      scale_to_radiance)
-from .geometry import GeometryError, RigGeometry, calibrate_rig, charuco_pattern
+from .geometry import (GeometryError, RigGeometry, calibrate_rig, charuco_pattern,
+                       refine_saddle_corners)
 from .lights import (CameraModel, LightError, diffuse_irradiance, find_highlight, fit_sphere,
                      light_positions, mirror_ray, silhouette_edges)
 from .raw import RawDecodeError, RawImage, decode_bracket, display_u8
@@ -58,6 +59,8 @@ class CalibrateConfig:
         ``k1k2`` suits the stage's long lenses, whose fields of view cannot measure more
     cameras, lights : restrict to these (default all in the capture)
     chart_corners : ``{camera: (4, 2)}`` user-given chart corners (skips detection)
+    refine_corners : refit every ChArUco corner with a blurred-saddle model on the linear
+        image (:func:`calibration.geometry.refine_saddle_corners`); off: the detector's own
     """
 
     colour_method: str = "matrix-3x3"
@@ -65,6 +68,7 @@ class CalibrateConfig:
     cameras: list[str] | None = None
     lights: list[int] | None = None
     chart_corners: dict[str, np.ndarray] | None = None
+    refine_corners: bool = True
 
 
 @dataclass
@@ -164,14 +168,25 @@ def calibrate_capture(path: str | Path, config: CalibrateConfig | None = None,
     sizes: dict[str, tuple[int, int]] = {}
     reference = None
     jobs = [(s, c) for s in boards for c in s["cameras"] if c in cams]
+    # marker-free square around each chessboard corner: the saddle fit's window
+    clear = (spec.square - spec.marker) / 2
+    n_det = n_kept = 0
     for j, (s, c) in enumerate(jobs):
         im = load(s, c)
         sizes[c] = im.rgb.shape[:2]
         v = int(s["truth"].get("pose_index", boards.index(s)))
-        detections[c][v] = pattern.detect(display_u8(im.rgb @ _LUM, 99.0))
+        lum = im.rgb @ _LUM
+        det = pattern.detect(display_u8(lum, 99.0))
+        if det is not None and cfg.refine_corners:
+            n_det += len(det.ids)
+            det = refine_saddle_corners(lum, det, pattern.object_points[det.ids, :2], clear)
+            n_kept += 0 if det is None else len(det.ids)
+        detections[c][v] = det
         if "board2world" in _known(s):
             reference = (v, np.asarray(_known(s)["board2world"], np.float64))
         tick("boards", j + 1, len(jobs))
+    if cfg.refine_corners:
+        tables["corners_refined"] = {"detected": n_det, "kept": n_kept}
     for c in cams:
         seen = sum(d is not None for d in detections[c].values())
         if seen < len(detections[c]):
