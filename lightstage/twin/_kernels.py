@@ -600,3 +600,106 @@ def star_march(o, d, t_start, t_end, max_steps, polish, near, relax0, c, geo, R,
                     break
             ts = max(tb0, te)
     return out
+
+
+@_jit
+def plane_albedo(xy, Jinv, offs, K, Rc, origin, Rb, tb, size, tex):
+    """Supersampled albedo (h, w, 3) float64 of a textured plane over an image window.
+
+    For each pixel of the window and each sub-pixel offset (dx, dy) in ``offs`` x ``offs``:
+    the undistorted normalised coordinate is ``xy + Jinv @ (ddx, ddy)`` (first order in the
+    offset, as ``targets._window_rays``), the world ray ``Rc (x, y, 1)`` normalised, its hit
+    with the plane (board2world rotation Rb, origin tb; printed face only, inside
+    ``size``) and the texture (h_t, w_t, 3) sampled bilinearly with replicated borders at
+    texel centres. The mean over sub-samples is returned (misses count as 0).
+    """
+    h, w = xy.shape[0], xy.shape[1]
+    th, tw = tex.shape[0], tex.shape[1]
+    out = np.zeros((h, w, 3))
+    ns = offs.shape[0]
+    z0, z1, z2 = Rb[0, 2], Rb[1, 2], Rb[2, 2]
+    tz = (tb[0] - origin[0]) * z0 + (tb[1] - origin[1]) * z1 + (tb[2] - origin[2]) * z2
+    sx = tw / size[0]
+    sy = th / size[1]
+    inv_n = 1.0 / (ns * ns)
+    for iy in range(h):
+        for ix in range(w):
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            for ky in range(ns):
+                ddy = offs[ky] / K[1, 1]
+                for kx in range(ns):
+                    ddx = (offs[kx] - K[0, 1] * ddy) / K[0, 0]
+                    x = xy[iy, ix, 0] + Jinv[iy, ix, 0, 0] * ddx + Jinv[iy, ix, 0, 1] * ddy
+                    y = xy[iy, ix, 1] + Jinv[iy, ix, 1, 0] * ddx + Jinv[iy, ix, 1, 1] * ddy
+                    d0 = Rc[0, 0] * x + Rc[0, 1] * y + Rc[0, 2]
+                    d1 = Rc[1, 0] * x + Rc[1, 1] * y + Rc[1, 2]
+                    d2 = Rc[2, 0] * x + Rc[2, 1] * y + Rc[2, 2]
+                    dn = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+                    d0, d1, d2 = d0 / dn, d1 / dn, d2 / dn
+                    den = d0 * z0 + d1 * z1 + d2 * z2
+                    if not den > 1e-9:
+                        continue
+                    s = tz / den
+                    if not s > 0:
+                        continue
+                    p0 = origin[0] + s * d0 - tb[0]
+                    p1 = origin[1] + s * d1 - tb[1]
+                    p2 = origin[2] + s * d2 - tb[2]
+                    lx = p0 * Rb[0, 0] + p1 * Rb[1, 0] + p2 * Rb[2, 0]
+                    ly = p0 * Rb[0, 1] + p1 * Rb[1, 1] + p2 * Rb[2, 1]
+                    if not (lx >= 0 and lx <= size[0] and ly >= 0 and ly <= size[1]):
+                        continue
+                    mx = lx * sx - 0.5
+                    my = ly * sy - 0.5
+                    fx = math.floor(mx)
+                    fy = math.floor(my)
+                    wx = mx - fx
+                    wy = my - fy
+                    x0 = min(max(int(fx), 0), tw - 1)
+                    x1 = min(max(int(fx) + 1, 0), tw - 1)
+                    y0 = min(max(int(fy), 0), th - 1)
+                    y1 = min(max(int(fy) + 1, 0), th - 1)
+                    w00 = (1 - wx) * (1 - wy)
+                    w01 = wx * (1 - wy)
+                    w10 = (1 - wx) * wy
+                    w11 = wx * wy
+                    a0 += w00 * tex[y0, x0, 0] + w01 * tex[y0, x1, 0] + w10 * tex[y1, x0, 0] + w11 * tex[y1, x1, 0]
+                    a1 += w00 * tex[y0, x0, 1] + w01 * tex[y0, x1, 1] + w10 * tex[y1, x0, 1] + w11 * tex[y1, x1, 1]
+                    a2 += w00 * tex[y0, x0, 2] + w01 * tex[y0, x1, 2] + w10 * tex[y1, x0, 2] + w11 * tex[y1, x1, 2]
+            out[iy, ix, 0] = a0 * inv_n
+            out[iy, ix, 1] = a1 * inv_n
+            out[iy, ix, 2] = a2 * inv_n
+    return out
+
+
+@_jit
+def chrome_lights(x, r, ok, lp, lrgb, light_radius, scale, distant):
+    """Sum over lights of a mirror's reflected light discs at sample points x (..., 3) with
+    reflected directions r (..., 3) (flattened (S, 3)); ok (S,) marks hits. A point light is
+    seen iff the reflected ray passes within ``light_radius`` of it (distant: within that
+    angle); its radiance is ``scale * rgb`` (scale = albedo / disc area). Returns (S, 3)."""
+    m = x.shape[0]
+    out = np.zeros((m, 3))
+    cos_lr = math.cos(light_radius)
+    for j in range(lp.shape[0]):
+        p0, p1, p2 = lp[j, 0], lp[j, 1], lp[j, 2]
+        if distant:
+            pn = math.sqrt(p0 * p0 + p1 * p1 + p2 * p2)
+            p0, p1, p2 = p0 / pn, p1 / pn, p2 / pn
+        for i in range(m):
+            if not ok[i]:
+                continue
+            if distant:
+                hit = r[i, 0] * p0 + r[i, 1] * p1 + r[i, 2] * p2 > cos_lr
+            else:
+                v0, v1, v2 = p0 - x[i, 0], p1 - x[i, 1], p2 - x[i, 2]
+                dist = math.sqrt(v0 * v0 + v1 * v1 + v2 * v2)
+                cosr = (r[i, 0] * v0 + r[i, 1] * v1 + r[i, 2] * v2) / dist
+                hit = cosr > 0 and dist * math.sqrt(max(1 - cosr * cosr, 0.0)) < light_radius
+            if hit:
+                out[i, 0] += scale * lrgb[j, 0]
+                out[i, 1] += scale * lrgb[j, 1]
+                out[i, 2] += scale * lrgb[j, 2]
+    return out

@@ -479,20 +479,24 @@ class StarScene:
         t_full = self._posed_t(camera, key, T) if moved else self._rest(camera, key)[0]
         Ti = np.linalg.inv(T) if moved else np.eye(4)
         o_s = Ti[:3, :3] @ camera.centre + Ti[:3, 3]
-        blocks = []
-        for r0, r1 in self._blocks(H, W):
-            tb = t_full[r0:r1].ravel()
-            i = np.flatnonzero(np.isfinite(tb))
-            if i.size == 0:
-                continue
-            _, d_blk = self._rays(camera, key, r0, r1)
-            d = d_blk[i]
-            t = tb[i].astype(np.float64)
-            blocks.append(self._surface_gbuffer(o_s, Ti[:3, :3], d, t, i + r0 * W))
+
+        def blocks():
+            for r0, r1 in self._blocks(H, W):
+                tb = t_full[r0:r1].ravel()
+                i = np.flatnonzero(np.isfinite(tb))
+                if i.size == 0:
+                    continue
+                _, d_blk = self._rays(camera, key, r0, r1)
+                yield self._surface_gbuffer(o_s, Ti[:3, :3], d_blk[i], tb[i].astype(np.float64),
+                                            i + r0 * W)
+
         if H * W <= 2 * BLOCK_PIXELS:
-            self._gb_cache.put(gkey, blocks)
-            return blocks
-        return blocks
+            out = list(blocks())
+            self._gb_cache.put(gkey, out)
+            return out
+        # a large sensor: one row block's G-buffer at a time (~180 B per hit pixel would
+        # otherwise hold ~0.5 GB for a 4096x2160 frame)
+        return blocks()
 
     def _surface_gbuffer(self, o_s, Rm, d_w, t, pix) -> _GBuffer:
         """G-buffer of hits at t along subject-space rays o_s + t Rm d_w (d_w world)."""

@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 CFA_INDEX = {"R": 0, "G": 1, "B": 2}
+_NOISE_BLOCK = 1 << 20  # photosites per block of the noise draw (bounds its temporaries)
 
 
 def cfa_channels(pattern: str, height: int, width: int) -> np.ndarray:
@@ -119,18 +120,31 @@ def mosaic_raw(dn: np.ndarray, camera: Camera, rng: np.random.Generator | None =
     """Expected DN above black -> raw uint16 mosaic (noise if ``rng`` is given, rounding,
     black level, clipping at the white level)."""
     s = camera.sensor
+    dn = np.asarray(dn)
+    sig = dn.astype(np.float32, copy=True)
+    flat = sig.reshape(-1)
+    # row blocks keep the float64/int64 temporaries of a 4096x2160 frame small; the draws
+    # are made in the same element order as one whole-array call (all Poisson, then all
+    # Gaussian), so the result does not depend on the block size
+    step = _NOISE_BLOCK
     if rng is not None:
-        lam = np.clip(dn, 0, None).astype(np.float64) * s.electrons_per_dn
-        sig = rng.poisson(lam).astype(np.float32)
-        sig *= np.float32(1.0 / s.electrons_per_dn)
+        e = s.electrons_per_dn
+        for i in range(0, flat.size, step):
+            lam = np.clip(flat[i:i + step], 0, None).astype(np.float64) * e
+            flat[i:i + step] = rng.poisson(lam).astype(np.float32) * np.float32(1.0 / e)
         if s.read_noise_dn > 0:
-            sig += rng.standard_normal(dn.shape, dtype=np.float32) * np.float32(s.read_noise_dn)
-    else:
-        sig = dn.astype(np.float32, copy=True)
-    sig += np.float32(s.black_level)
-    np.rint(sig, out=sig)
-    np.clip(sig, 0, s.white_level, out=sig)
-    return sig.astype(np.uint16)
+            for i in range(0, flat.size, step):
+                n = min(step, flat.size - i)
+                flat[i:i + n] += rng.standard_normal(n, dtype=np.float32) * np.float32(s.read_noise_dn)
+    out = np.empty(dn.shape, np.uint16)
+    o = out.reshape(-1)
+    for i in range(0, flat.size, step):
+        b = flat[i:i + step]
+        b += np.float32(s.black_level)
+        np.rint(b, out=b)
+        np.clip(b, 0, s.white_level, out=b)
+        o[i:i + step] = b
+    return out
 
 
 def simulate_raw(radiance: np.ndarray, camera: Camera, exposure: float,

@@ -251,11 +251,19 @@ class PlanarTarget:
         if win is None:
             return out
         y0, y1, x0, x1 = win
-        acc = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.float64)
-        for o, dd in _subpixel_rays(camera, self.supersample, win):
-            ok, _, local, _ = self._hit(o, dd, b2w)
-            acc += self._albedo(local, ok)
-        acc /= self.supersample ** 2
+        # supersampled albedo: a compiled loop over pixels x sub-pixel rays (the rays of
+        # _subpixel_rays, the hit of _hit, bilinear texture lookups with replicated borders)
+        from ._kernels import plane_albedo
+
+        xy, Jinv = _undistorted_grid(camera)
+        ss = self.supersample
+        c2w = camera.cam2world_array
+        acc = plane_albedo(np.ascontiguousarray(xy[y0:y1, x0:x1]),
+                           np.ascontiguousarray(Jinv[y0:y1, x0:x1]),
+                           (np.arange(ss) + 0.5) / ss - 0.5, camera.K_array,
+                           np.ascontiguousarray(c2w[:3, :3]), c2w[:3, 3].copy(),
+                           np.ascontiguousarray(b2w[:3, :3]), b2w[:3, 3].copy(),
+                           np.asarray(self.size, np.float64), self.texture)
         # irradiance is smooth over the plane: evaluate it on a 65 x 65 grid in board
         # coordinates and interpolate at each pixel-centre hit (relative error ~1e-6)
         import cv2
@@ -368,6 +376,21 @@ class SphereTarget:
             self._cache[key] = (win, samples)
         return self._cache[key]
 
+    def _mirror(self, camera: Camera, c: np.ndarray, samples):
+        """Flattened sample points, reflected directions and hit flags of a camera's
+        sub-samples (cached with the geometry)."""
+        key = ("mirror", camera.name, camera.cam2world_array.tobytes(), c.tobytes())
+        if key not in self._cache:
+            X = np.concatenate([x.reshape(-1, 3) for _, _, x, _ in samples])
+            D = np.concatenate([d.reshape(-1, 3) for d, _, _, _ in samples])
+            N = np.concatenate([n.reshape(-1, 3) for _, _, _, n in samples])
+            OK = np.concatenate([ok.ravel() for _, ok, _, _ in samples])
+            Rr = D - 2 * np.einsum("ij,ij->i", D, N)[:, None] * N
+            if len(self._cache) > 8:
+                self._cache.clear()
+            self._cache[key] = (X, Rr, OK)
+        return self._cache[key]
+
     def radiance(self, camera: Camera, light_positions, light_rgb, pose=None, distant=False):
         c = self.centre if pose is None else (np.asarray(pose) @ np.append(self.centre, 1))[:3]
         H, W = camera.resolution
@@ -380,8 +403,18 @@ class SphereTarget:
             return out
         y0, y1, x0, x1 = win
         acc = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.float64)
-        for dd, ok, x, n in samples:
-            acc += self._shade(dd, ok, x, n, lp, lr, distant)
+        if self.kind == "chrome":
+            # compiled: reflected rays (cached per camera) against every light's disc
+            from ._kernels import chrome_lights
+
+            X, Rr, OK = self._mirror(camera, c, samples)
+            L = chrome_lights(X, Rr, OK, lp, lr, self.light_radius,
+                              self.albedo / (math.pi * self.light_radius ** 2), bool(distant))
+            L[OK] += self.ambient * self.albedo
+            acc = L.reshape(len(samples), y1 - y0, x1 - x0, 3).sum(0)
+        else:
+            for dd, ok, x, n in samples:
+                acc += self._shade(dd, ok, x, n, lp, lr, distant)
         out[y0:y1, x0:x1] = acc / self.supersample ** 2
         return out
 
@@ -483,7 +516,9 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
                      sphere_radius: float = 0.075, chrome_cameras: int = 3,
                      diffuse_cameras: int = 2, lights: list[int] | None = None,
                      light_radius: float = 0.025,
-                     cameras: list[str] | None = None, supersample: int = 3) -> list[CalibrationShot]:
+                     cameras: list[str] | None = None, supersample: int = 3,
+                     board_supersample: int = 8,
+                     chrome_offsets: tuple = ((0.0, 0.0, 0.1),)) -> list[CalibrationShot]:
     """The shots of a calibration capture of ``rig``.
 
     Shots (``truth['kind']``): ``flat-field`` (uniform emitter, every camera), ``chart`` and
@@ -495,6 +530,14 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
 
     Targets are sized for the rig: boards and charts ~0.25 m wide, placed at the rig centre
     (the cameras' common view). ``lights`` / ``cameras`` restrict the plan (fast tests).
+
+    ``board_supersample``: rays per pixel per axis of the ChArUco boards. Corner positions are
+    what geometry is tested on, and a regular 3 x 3 grid quantises edge coverage to thirds of
+    a pixel: the corners then sit ~0.05 px off their true projection (8 x 8: ~0.02 px).
+    ``chrome_offsets``: further mount positions of the chrome ball (metres from the rig
+    centre; shots ``chrome_ambient_b<k>``, ``chrome_b<k>_<light>``, ``known['ball'] = k``):
+    mirror rays from two ball positions triangulate near-field light *positions*, where one
+    ball fixes little more than directions.
     """
     rng = np.random.default_rng(seed)
     cams = cameras if cameras is not None else [c.name for c in rig.cameras]
@@ -555,7 +598,8 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
         see = [c for c in cams if (rig.camera(c).centre - P[:3, 3]) @ nrm
                / np.linalg.norm(rig.camera(c).centre - P[:3, 3]) > math.cos(math.radians(70))]
         shots.append(CalibrationShot(
-            f"board_{k:02d}", PlanarTarget(tex, (bw, bh), P, supersample), lit, see, [t_board],
+            f"board_{k:02d}", PlanarTarget(tex, (bw, bh), P, max(supersample, board_supersample)),
+            lit, see, [t_board],
             {"kind": "board", "known": known, "pose_index": k, "board2world": P.tolist()}))
 
     # spheres on the mount at the rig centre
@@ -587,4 +631,22 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
             f"diffuse_{i:03d}", diffuse, [i], diffuse_cams, [_exposure(rig, diffuse_cams, peak_diff, 0.6)],
             {"kind": "diffuse", "known": {"radius": sphere_radius, "albedo": 0.8}, "light": i,
              **sph_truth, "light_rgb": (lrgb[i] / d2).tolist()}))
+    # the chrome ball again at its other mount positions
+    for b, off in enumerate(chrome_offsets, start=1):
+        cb = [float(v) for v in off]
+        ball = SphereTarget(cb, sphere_radius, "chrome", 0.9, light_radius, 0.0, 4)
+        ball_amb = SphereTarget(cb, sphere_radius, "chrome", 0.9, light_radius, ambient, 2)
+        bt = {"centre": cb, "radius": sphere_radius}
+        shots.append(CalibrationShot(
+            f"chrome_ambient_b{b}", ball_amb, [], chrome_cams,
+            [_exposure(rig, chrome_cams, [0.9 * ambient] * 3, 0.5)],
+            {"kind": "chrome-ambient", "known": {"radius": sphere_radius, "reflectance": 0.9,
+                                                  "ball": b}, **bt}))
+        for i in light_ids:
+            peak_spec = 0.9 * lrgb[i] / (math.pi * light_radius ** 2)
+            shots.append(CalibrationShot(
+                f"chrome_b{b}_{i:03d}", ball, [i], chrome_cams,
+                [_exposure(rig, chrome_cams, peak_spec, 0.7)],
+                {"kind": "chrome", "known": {"radius": sphere_radius, "ball": b}, "light": i,
+                 **bt, "light_position": lp[i].tolist()}))
     return shots
