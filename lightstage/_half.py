@@ -59,14 +59,17 @@ def available() -> bool:
 
 
 def default_threads() -> int:
-    """Threads for one combination: the cores this process may use, at most 4 (on the 2-core
-    development VM one thread already streams at the copy bandwidth and two tie with it, measured
-    by benchmarks/bench_relight.py; more cores only help where memory bandwidth outgrows one)."""
+    """Threads for one combination: 1 on a machine with <= 2 usable cores, else half of them,
+    at most 4. On the 2-core development VM one thread already streams the stack at the copy
+    bandwidth (benchmarks/bench_relight.py: 1.15-1.5x np.copyto) and a second one only
+    contends with whatever else runs (zarr decoding in :func:`lightstage.relight.relight_take`,
+    other processes); machines with more memory channels than one core can fill gain from more.
+    """
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         n = os.cpu_count() or 1
-    return max(1, min(4, n))
+    return 1 if n <= 2 else min(4, n // 2)
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
