@@ -36,13 +36,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.configs import check_config_fields
 
 __all__ = [
     "EncoderConfig",
@@ -162,10 +164,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise EncoderError(f"unknown EncoderConfig field(s): {', '.join(unknown)}")
+        check_config_fields(cls, d, EncoderError)
         return cls(**d)
 
 
@@ -406,10 +405,12 @@ def _paths(d: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def save_encoder(directory: str | os.PathLike, encoder: PortraitEncoder, meta: dict | None = None,
-                 overwrite: bool = False) -> tuple[Path, Path]:
+                 overwrite: bool = False, half: bool = False) -> tuple[Path, Path]:
     """Write ``encoder.safetensors`` + ``encoder.json`` into ``directory``.
 
-    Refuses to replace an existing encoder unless ``overwrite``; writes atomically.
+    Refuses to replace an existing encoder unless ``overwrite``; writes atomically. ``half``
+    stores floating-point tensors as float16 (half the size; :func:`load_encoder` computes in
+    float32 either way). Values beyond float16's range are refused rather than stored as inf.
     """
     from safetensors.torch import save_file
 
@@ -420,6 +421,12 @@ def save_encoder(directory: str | os.PathLike, encoder: PortraitEncoder, meta: d
                 raise EncoderError(f"{p} exists; refusing to overwrite (use --overwrite / overwrite=True)")
     wpath.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
+    if half:
+        for k, v in tensors.items():
+            if v.is_floating_point():
+                if not torch.isfinite(v).all() or v.abs().max() > 65504:
+                    raise EncoderError(f"encoder tensor {k!r} does not fit float16 (|max| {float(v.abs().max()):.3g})")
+                tensors[k] = v.half()
     doc = {"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "config": encoder.cfg.to_dict(),
            "meta": json.loads(json.dumps(meta or {}, default=str))}
     for path, write in ((wpath, lambda t: save_file(tensors, t)),
@@ -463,6 +470,8 @@ def load_encoder(directory: str | os.PathLike) -> tuple[PortraitEncoder, dict]:
         sd = load_file(str(wpath))
     except Exception as e:  # safetensors has its own error types
         raise EncoderError(f"{wpath}: not a readable safetensors file ({e})") from None
+    # float16 files (save_encoder(half=True)) are widened to the model's float32 on load
+    sd = {k: (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v) for k, v in sd.items()}
     missing, unexpected = enc.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise EncoderError(f"{wpath}: weights do not fit the config (missing {missing[:4]}, "

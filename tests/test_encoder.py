@@ -126,6 +126,32 @@ def test_save_load_round_trip_and_refusals(G, tmp_path):
         EncoderConfig(resolution=48, num_ws=4, w_dim=8)
     with pytest.raises(EncoderError, match=r"\[B, 25\]"):
         invert(None, G, torch.zeros(2, 3, 32, 32), torch.zeros(2, 16))
+    with pytest.raises(EncoderError, match="unknown EncoderConfig field.*bogus"):
+        EncoderConfig.from_dict({**enc.cfg.to_dict(), "bogus": 1})
+
+
+def test_float16_storage_halves_the_file_and_keeps_the_outputs(G, tmp_path):
+    from safetensors.torch import load_file
+
+    enc = PortraitEncoder(small_encoder(G)).eval()
+    torch.nn.init.normal_(enc.head.weight, std=0.05)
+    save_encoder(tmp_path / "f32", enc)
+    save_encoder(tmp_path / "f16", enc, half=True)
+    s32 = (tmp_path / "f32" / "encoder.safetensors").stat().st_size
+    s16 = (tmp_path / "f16" / "encoder.safetensors").stat().st_size
+    assert s16 < 0.55 * s32
+    assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "f16" / "encoder.safetensors")).values()
+               if v.is_floating_point())
+    back, _ = load_encoder(tmp_path / "f16")
+    assert all(p.dtype == torch.float32 for p in back.parameters())
+    x, c = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 25) * 0.1
+    a, b = enc(x, c)["ws"], back(x, c)["ws"]
+    # float16 keeps ~3 decimal digits of every weight: the latents agree to that order
+    assert a.abs().max() > 0 and (a - b).abs().max() < 1e-2 * a.abs().max()
+    with torch.no_grad():
+        enc.head.weight[0, 0] = 1e6
+    with pytest.raises(EncoderError, match="float16"):
+        save_encoder(tmp_path / "big", enc, half=True)
 
 
 def test_refinement_improves_on_its_start(G):
