@@ -13,12 +13,12 @@ Facts about the data used here, each checked against the files:
   and 1.3 % after sRGB decoding.
 * How the directions are calibrated here (``calibration.lights``): the ball's silhouette is
   measured in the images themselves (:func:`circle_edges` on the mean chrome image: the dark
-  ball against the grey backdrop, ~170 sub-pixel points over 0-140 deg and the lower rim; robust
+  ball against the grey backdrop, ~170 sub-pixel points, most of them over 0-140 deg; robust
   :func:`fit_circle`: centre (253.9, 146.8), radius 118.9 px, points within 0.1 px median); the
   supplied mask agrees (area radius 119.5 px, the image's edge points lie 119.8 +- 0.3 px from
   its centre on the clean upper arc). Highlights: background-subtracted centroids of one
   compact blob per image; saturated-core centroid, weighted centroid and blob centre agree to
-  <= 0.5 px (<= 0.5 deg). Mirror direction of the view ray: orthographic; with a perspective
+  <= 0.65 px (<= 0.7 deg, most < 0.4). Mirror direction of the view ray: orthographic; with a perspective
   camera (exact view rays, sphere fitted to the silhouette) the agreement with the file only
   gets worse as the focal length shrinks (median 1.5 / 1.7 / 2.8 / 4.2 deg at f = 1e5 / 5000 /
   1000 / 500 px).
