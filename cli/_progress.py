@@ -24,7 +24,10 @@ class RateColumn(ProgressColumn):
 
 
 def progress_bar(console: Console, unit: str = "", description: str = "[bold]{task.description}",
-                 digits: int = 1) -> Progress:
+                 digits: int = 1, info: bool = False) -> Progress:
+    """The shared bar; ``info=True`` adds a trailing ``{task.fields[info]}`` column (training
+    losses): every task must then be added with ``info=""``."""
+    extra = (TextColumn("{task.fields[info]}"),) if info else ()
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(),
                     RateColumn(unit, digits), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, transient=False)
+                    TimeRemainingColumn(), *extra, console=console, transient=False)

@@ -28,17 +28,9 @@ __all__ = ["main", "prior"]
 
 
 def _progress(console):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
+    from cli._progress import progress_bar
 
-    class Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    TextColumn("{task.fields[info]}"), console=console)
+    return progress_bar(console, "it", digits=2, info=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -38,19 +38,6 @@ def resolve_prior(path: str | Path) -> Path:
     return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
 
 
-def _Rate():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        """Iterations per second (rich's own speed column is for bytes)."""
-
-        def render(self, task):
-            return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s")
-
-    return Rate()
-
-
 @click.command("encoder")
 @click.option("--prior", "prior_path", required=True, type=click.Path(exists=True),
               help="Prior checkpoint folder (from `ls-train prior --out`) or checkpoint stem.")
@@ -92,9 +79,8 @@ def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh,
     import numpy as np
     import torch
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
 
+    from cli._progress import progress_bar
     from model.checkpoint import CheckpointError, load_checkpoint, load_generator
     from model.encoder import EncoderConfig, EncoderError, save_encoder
     from model.train_encoder import (EncoderTrainConfig, LatentSampler, config_dict,
@@ -146,10 +132,8 @@ def main(prior_path, out_dir, steps, batch, lr, image_every, pool_size, refresh,
                                         progress=lambda i, n: progress.update(task, completed=i))
         return imgs, torch.from_numpy(labels), masks
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     t0 = time.perf_counter()
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(console, "it", digits=2, info=True) as progress:
         twin = None
         if twin_subjects:
             ti, tl, _ = twin_set(10_000, twin_subjects, twin_views, "twin renders (train)", progress)
