@@ -175,6 +175,13 @@ def refine_saddle_corners(lum: np.ndarray, det: Detection, board_xy: np.ndarray,
     lim = clear - margin_px / np.sqrt(det_J)[:, None]
     m = (inb & (np.abs(st[..., 0]) < lim) & (np.abs(st[..., 1]) < lim)).astype(np.float64)
     npx = m.sum(1)
+    # keep only the window's pixels (padded to the fullest window): the square around the
+    # marker-free diamond is mostly outside it
+    keep = np.argsort(m == 0, axis=1, kind="stable")[:, : max(int(npx.max()), 1)]
+    pf = np.take_along_axis(pf, keep[..., None], 1)
+    I = np.take_along_axis(I, keep, 1)
+    m = np.take_along_axis(m, keep, 1)
+    st = np.take_along_axis(st, keep[..., None], 1)
     # start: lines along the board axes, sigma 0.8 px, amplitude signed by the quadrants
     th1 = np.arctan2(J[:, 1, 0], J[:, 0, 0])
     th2 = np.arctan2(J[:, 1, 1], J[:, 0, 1])
@@ -216,8 +223,9 @@ def refine_saddle_corners(lum: np.ndarray, det: Detection, board_xy: np.ndarray,
     eye = np.eye(7)[None]
     done = np.zeros(N, bool)
     for _ in range(iterations):
-        A = np.einsum("npi,npj->nij", Jm, Jm)
-        g = np.einsum("npi,np->ni", Jm, f)
+        Jt = Jm.transpose(0, 2, 1)
+        A = Jt @ Jm
+        g = (Jt @ f[..., None])[..., 0]
         D = np.einsum("nii->ni", A) + 1e-12
         try:
             dx = -np.linalg.solve(A + lam[:, None, None] * eye * D[:, :, None], g[..., None])[..., 0]
@@ -377,18 +385,20 @@ def reprojection_errors(pattern: PlanarPattern, det: Detection, K, dist, board2c
     return np.linalg.norm(uv - det.corners, axis=1)
 
 
-def _levenberg_marquardt(fun, jac, x0, robust: bool, max_iter: int = 60, tol: float = 1e-10):
+def _levenberg_marquardt(fun, jac, x0, robust: bool, max_iter: int = 60, tol: float = 1e-10,
+                         scale: float = 1.0):
     """Levenberg-Marquardt on the normal equations, with soft-L1 IRLS weights per 2D point
-    when ``robust`` (scale 1 px).
+    when ``robust`` (``scale`` px).
 
     The problem is small (tens to hundreds of parameters) but has thousands of residuals:
     normal equations cost P^2 per iteration where a dense SVD of the Jacobian (scipy's exact
     trust region) cost seconds on a busy machine."""
 
     def cost(f):
-        s = (f.reshape(-1, 2) ** 2).sum(1)
+        s = (f.reshape(-1, 2) ** 2).sum(1) / scale ** 2
         return float(np.sum(2 * (np.sqrt(1 + s) - 1)) if robust else np.sum(s))
 
+    scale = max(float(scale), 1e-9)
     x = np.asarray(x0, np.float64).copy()
     f = fun(x)
     c = cost(f)
@@ -396,7 +406,7 @@ def _levenberg_marquardt(fun, jac, x0, robust: bool, max_iter: int = 60, tol: fl
     for _ in range(max_iter):
         J = jac(x)
         if robust:
-            s = (f.reshape(-1, 2) ** 2).sum(1)
+            s = (f.reshape(-1, 2) ** 2).sum(1) / scale ** 2
             w = np.repeat(1 / np.sqrt(1 + s), 2)
         else:
             w = np.ones_like(f)
@@ -431,7 +441,7 @@ def _levenberg_marquardt(fun, jac, x0, robust: bool, max_iter: int = 60, tol: fl
 def calibrate_rig(pattern: PlanarPattern, detections: dict[str, dict[int, Detection | None]],
                   image_sizes: dict[str, tuple[int, int]], reference: tuple[int, np.ndarray] | None = None,
                   distortion: str = "k1k2p1p2", robust: bool = True,
-                  progress=None) -> RigGeometry:
+                  progress=None, loss_scale: float = 1.0) -> RigGeometry:
     """Calibrate every camera's intrinsics and all extrinsics jointly.
 
     Parameters
@@ -441,7 +451,8 @@ def calibrate_rig(pattern: PlanarPattern, detections: dict[str, dict[int, Detect
     reference : ``(view, board2world)``: the board pose that defines the world frame; default
         the first view with detections, as the identity
     distortion : distortion model, a key of :data:`DISTORTION_MODELS`
-    robust : soft-L1 loss (1 px scale) against stray corners
+    robust : soft-L1 loss against stray corners
+    loss_scale : its scale (px): residuals well below it count fully, far above it as |r|
 
     Cameras that cannot be calibrated (too few views, not linked to the reference through
     shared views) are listed in ``failed`` with the reason; raises :class:`GeometryError` if
@@ -578,7 +589,7 @@ def calibrate_rig(pattern: PlanarPattern, detections: dict[str, dict[int, Detect
                 (residuals(xp) - f0)[vr] / h[view_of_row[vr]]
         return J
 
-    x = _levenberg_marquardt(residuals, jac, x0, robust)
+    x = _levenberg_marquardt(residuals, jac, x0, robust, scale=loss_scale)
     intr, wR, wt, bR, bt = unpack(x)
     r = residuals(x).reshape(-1, 2)
     out_K, out_d, out_c2w, rms, nviews = {}, {}, {}, {}, {}

@@ -36,11 +36,12 @@ from .colour import (ChartNotFound, ColourFit, chart_from_corners, cross_camera_
 from .geometry import (GeometryError, RigGeometry, calibrate_rig, charuco_pattern,
                        refine_saddle_corners)
 from .lights import (CameraModel, LightError, diffuse_irradiance, find_highlight, fit_sphere,
-                     light_positions, mirror_ray, silhouette_edges)
+                     light_positions, mirror_ray, silhouette_edges, triangulate_lines)
 from .raw import RawDecodeError, RawImage, decode_bracket, display_u8
 from .vignetting import fit_vignetting, vignetting_gain
 
-__all__ = ["CalibrateConfig", "CalibrationRun", "CaptureError", "load_shots", "calibrate_capture"]
+__all__ = ["CalibrateConfig", "CalibrationRun", "CaptureError", "load_shots", "calibrate_capture",
+           "triangulate_light_positions"]
 
 SHOTS_FORMAT = "lightstage-calibration-shots"
 _LUM = np.array([0.2126, 0.7152, 0.0722], np.float32)
@@ -61,6 +62,8 @@ class CalibrateConfig:
     chart_corners : ``{camera: (4, 2)}`` user-given chart corners (skips detection)
     refine_corners : refit every ChArUco corner with a blurred-saddle model on the linear
         image (:func:`calibration.geometry.refine_saddle_corners`); off: the detector's own
+    loss_scale : soft-L1 scale (px) of the bundle adjustment: refined corners sit ~0.07 px
+        from the truth, so a residual of a few tenths of a pixel is already suspect
     """
 
     colour_method: str = "matrix-3x3"
@@ -69,6 +72,7 @@ class CalibrateConfig:
     lights: list[int] | None = None
     chart_corners: dict[str, np.ndarray] | None = None
     refine_corners: bool = True
+    loss_scale: float = 0.3
 
 
 @dataclass
@@ -133,6 +137,58 @@ def _known(shot: dict) -> dict:
     return dict(shot["truth"].get("known") or {})
 
 
+def _ball(shot: dict) -> int:
+    """The chrome ball's mount position of a shot (0 when the capture has one)."""
+    return int(_known(shot).get("ball", 0))
+
+
+def triangulate_light_positions(rays: dict[int, list[tuple]], min_angle_deg: float = 1.0
+                                ) -> dict[int, tuple[np.ndarray, str]]:
+    """Light positions from mirror rays ``{light: [(x, r, weight, ball), ...]}`` of one or
+    more chrome-ball mount positions.
+
+    Rays of one ball leave it a few cm apart and fix a light's direction, hardly its range;
+    rays from two ball positions ~0.1 m apart cross at a few degrees and fix the range too.
+    A light seen on >= 2 balls whose rays span at least ``min_angle_deg`` is triangulated
+    (:func:`calibration.lights.triangulate_lines`, all its rays). The others are placed along
+    their rays on the sphere of the median range of those (stages mount their lights on a
+    near-sphere), or, with no such light, by :func:`calibration.lights.light_positions` from
+    one ball. Returns ``{light: (position, how)}``.
+    """
+    out: dict[int, tuple[np.ndarray, str]] = {}
+    rest: dict[int, list] = {}
+    for i, rl in rays.items():
+        balls = {t[3] for t in rl}
+        if len(balls) >= 2:
+            R = np.array([t[1] for t in rl])
+            # widest angle between the rays of different balls
+            ang = max(np.degrees(np.arccos(np.clip(R[a] @ R[k], -1, 1)))
+                      for a in range(len(rl)) for k in range(len(rl)) if rl[a][3] != rl[k][3])
+            if ang >= min_angle_deg:
+                p, _ = triangulate_lines(np.array([t[0] for t in rl]), R,
+                                         np.array([t[2] for t in rl]))
+                if all((p - t[0]) @ t[1] > 0 for t in rl):
+                    out[i] = (p, f"triangulated from {len(rl)} views of {len(balls)} ball positions")
+                    continue
+        rest[i] = rl
+    if not rest:
+        return out
+    if not out:
+        return light_positions({i: [t[:3] for t in rl] for i, rl in rest.items()})
+    Rm = float(np.median([np.linalg.norm(p) for p, _ in out.values()]))
+    for i, rl in rest.items():
+        pts, w = [], []
+        for x, r, wi, _ in rl:
+            bb = x @ r
+            s = -bb + np.sqrt(max(bb * bb - (x @ x - Rm * Rm), 0.0))
+            pts.append(x + s * r)
+            w.append(wi)
+        p = (np.array(pts) * np.array(w)[:, None]).sum(0) / sum(w)
+        out[i] = (p * (Rm / np.linalg.norm(p)),
+                  f"{len(rl)} view(s), on the {Rm:.3f} m median sphere of the triangulated lights")
+    return out
+
+
 def calibrate_capture(path: str | Path, config: CalibrateConfig | None = None,
                       progress: Callable[[str, int, int], None] | None = None,
                       rig_name: str | None = None) -> CalibrationRun:
@@ -194,7 +250,7 @@ def calibrate_capture(path: str | Path, config: CalibrateConfig | None = None,
                                f"{len(detections[c])} views")
     try:
         geo = calibrate_rig(pattern, {c: d for c, d in detections.items() if d}, sizes, reference,
-                            distortion=cfg.distortion)
+                            distortion=cfg.distortion, loss_scale=cfg.loss_scale)
     except GeometryError as e:
         raise CaptureError(f"geometry: {e}") from None
     for c, why in geo.failed.items():
@@ -276,24 +332,38 @@ def calibrate_capture(path: str | Path, config: CalibrateConfig | None = None,
     diffuses = [s for s in by_kind.get("diffuse", []) if want is None or s["truth"]["light"] in want]
     light_problems: list[str] = []
     if chromes and chrome_amb:
-        amb = chrome_amb[0]
-        radius = float(_known(amb)["radius"])
-        edges = {}
-        for c in amb["cameras"]:
-            if c not in models:
+        # one silhouette fit per ball mount position (``known['ball']``, default 0)
+        balls: dict[int, tuple[np.ndarray, float]] = {}
+        for amb in chrome_amb:
+            b = _ball(amb)
+            radius = float(_known(amb)["radius"])
+            edges = {}
+            for c in amb["cameras"]:
+                if c not in models:
+                    continue
+                try:
+                    edges[c] = silhouette_edges(load(amb, c).rgb @ _LUM)
+                except LightError as e:
+                    light_problems.append(f"chrome ball {b} silhouette, {c}: {e}")
+            if not edges:
+                light_problems.append(f"chrome ball {b}: silhouette found in no calibrated camera")
                 continue
-            try:
-                edges[c] = silhouette_edges(load(amb, c).rgb @ _LUM)
-            except LightError as e:
-                light_problems.append(f"chrome ball silhouette, {c}: {e}")
-        if not edges:
+            centre, fit_rms = fit_sphere(edges, models, radius)
+            balls[b] = (centre, radius)
+            tables.setdefault("chrome_centres", {})[b] = centre.tolist()
+            if b == min(_ball(a) for a in chrome_amb):
+                tables["chrome_centre"] = centre.tolist()
+                tables["chrome_fit_rms_mm"] = fit_rms * 1000
+        if not balls:
             raise CaptureError("lights: chrome ball silhouette found in no calibrated camera")
-        centre, fit_rms = fit_sphere(edges, models, radius)
-        tables["chrome_centre"] = centre.tolist()
-        tables["chrome_fit_rms_mm"] = fit_rms * 1000
         rays: dict[int, list] = {}
         for j, s in enumerate(chromes):
             i = int(s["truth"]["light"])
+            b = _ball(s)
+            rays.setdefault(i, [])
+            if b not in balls:
+                continue
+            centre, radius = balls[b]
             found = []
             for c in s["cameras"]:
                 if c not in models:
@@ -305,17 +375,17 @@ def calibrate_capture(path: str | Path, config: CalibrateConfig | None = None,
             # a highlight far dimmer than the light's best view is a stray (the true one is
             # hidden behind the rim): every view of one light sees the same mirror radiance
             top = max((h[1] for _, h in found), default=0.0)
-            rays[i] = []
             for c, h in found:
                 if h[1] < 0.1 * top:
                     continue
                 mr = mirror_ray(models[c], h[0], centre, radius)
                 if mr is not None:
-                    rays[i].append(mr)
-            if not rays[i]:
-                light_problems.append(f"light {i}: no highlight on the chrome ball in any camera")
+                    rays[i].append((*mr, b))
             tick("chrome", j + 1, len(chromes))
-        positions = light_positions({i: r for i, r in rays.items() if r})
+        for i, r in rays.items():
+            if not r:
+                light_problems.append(f"light {i}: no highlight on the chrome ball in any camera")
+        positions = triangulate_light_positions({i: r for i, r in rays.items() if r})
     else:
         positions = {}
         if chromes or diffuses:

@@ -195,6 +195,40 @@ def test_light_triangulation_and_median_range():
         assert ang < 0.02 and abs(np.linalg.norm(q) - 1.5) < 1e-3, how
 
 
+def test_two_ball_positions_triangulate_light_range():
+    """Mirror rays leaving two ball positions 0.1 m apart, 0.05 deg of direction noise:
+    lights at 1.3-1.7 m (not on one sphere) get their own range; one seen on one ball only
+    lands on the median sphere of the others."""
+    from calibration.pipeline import triangulate_light_positions
+
+    rng = np.random.default_rng(5)
+    balls = {0: np.zeros(3), 1: np.array([0.0, 0.0, 0.1])}
+    truth, rays = {}, {}
+    for i in range(8):
+        d = rng.normal(size=3)
+        d[2] = abs(d[2]) * 0.3  # keep away from the baseline's axis
+        p = rng.uniform(1.3, 1.7) * d / np.linalg.norm(d)
+        truth[i] = p
+        rays[i] = []
+        for b, c in balls.items():
+            for k in range(3):
+                n = rng.normal(size=3)
+                x = c + 0.075 * n / np.linalg.norm(n)
+                r = (p - x) / np.linalg.norm(p - x)
+                r = r + rng.normal(0, math.radians(0.05), 3)
+                rays[i].append((x, r / np.linalg.norm(r), 1.0, b))
+    rays[7] = [t for t in rays[7] if t[3] == 0]  # light 7: one ball only
+    out = triangulate_light_positions(rays)
+    med = np.median([np.linalg.norm(truth[i]) for i in range(7)])
+    for i in range(7):
+        assert "triangulated" in out[i][1]
+        assert np.linalg.norm(out[i][0] - truth[i]) < 0.04 * np.linalg.norm(truth[i]), i
+    assert "median" in out[7][1]
+    assert abs(np.linalg.norm(out[7][0]) - med) < 0.05
+    ang = math.degrees(math.acos(out[7][0] @ truth[7] / np.linalg.norm(out[7][0]) / np.linalg.norm(truth[7])))
+    assert ang < 1.0
+
+
 def test_saddle_refinement_beats_the_detector_on_a_finely_sampled_board(demo):
     """A tilted ChArUco board rendered with 8x8 rays per pixel (corners exact to ~0.01 px):
     the saddle fit on the linear image lands closer to the true projected corners than
