@@ -59,17 +59,19 @@ def available() -> bool:
 
 
 def default_threads() -> int:
-    """Threads for one combination: 1 on a machine with <= 2 usable cores, else half of them,
-    at most 4. On the 2-core development VM one thread already streams the stack at the copy
-    bandwidth (benchmarks/bench_relight.py: 1.15-1.5x np.copyto) and a second one only
-    contends with whatever else runs (zarr decoding in :func:`lightstage.relight.relight_take`,
-    other processes); machines with more memory channels than one core can fill gain from more.
+    """Threads for one combination: the cores this process may use, at most 4.
+
+    Measured on the 2-core development VM (benchmarks/bench_relight.py): on a quiet machine one
+    thread already streams the stack at np.copyto's bandwidth and two tie with it; under heavy
+    load (load average 8-16) two threads were faster more often than not (median 1.35 vs 1.16 x
+    the copy bandwidth over 10 runs each), since the work is split into many small ranges that
+    whichever thread is scheduled takes. More cores help where memory outruns one core.
     """
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         n = os.cpu_count() or 1
-    return 1 if n <= 2 else min(4, n // 2)
+    return max(1, min(4, n))
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
