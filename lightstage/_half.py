@@ -63,8 +63,8 @@ def default_threads() -> int:
 
     Measured on the 2-core development VM (benchmarks/bench_relight.py): on a quiet machine one
     thread already streams the stack at np.copyto's bandwidth and two tie with it; under heavy
-    load (load average 8-16) two threads were faster more often than not (median 1.35 vs 1.16 x
-    the copy bandwidth over 10 runs each), since the work is split into many small ranges that
+    load (load average 8-16) two threads were faster more often than not (median 1.28 vs 1.16 x
+    the copy bandwidth over 10 runs each, 512^2 and 256^2 stacks), since the work is split into many small ranges that
     whichever thread is scheduled takes. More cores help where memory outruns one core.
     """
     try:
