@@ -89,8 +89,9 @@ def render_basis(bundle, ws: torch.Tensor, label: np.ndarray, res: int, max_samp
     from model.bundle import label_rays
     from model.relight_model import PriorGeometry
 
-    geo = PriorGeometry(bundle.G, [ws[0]], max_samples=max_samples)
-    o, d = label_rays(label, res)
+    dev = next(bundle.G.parameters()).device
+    geo = PriorGeometry(bundle.G, [ws[0].to(dev)], max_samples=max_samples)
+    o, d = (t.to(dev) for t in label_rays(label, res))
     planes = geo.planes(0)
     feat = bundle.net.feature_planes(planes)
     K = bundle.net.cfg.n_basis
@@ -102,10 +103,10 @@ def render_basis(bundle, ws: torch.Tensor, label: np.ndarray, res: int, max_samp
         acc.append(w.sum(-1))
         if return_points:
             pts.append((w[..., None] * s.points[0]).sum(-2) / w.sum(-1, keepdim=True).clamp_min(1e-6))
-    basis = torch.cat(out, 0).permute(1, 0, 2).contiguous().float()
-    mask = (torch.cat(acc) > 0.5).reshape(res, res).numpy()
+    basis = torch.cat(out, 0).permute(1, 0, 2).contiguous().float()  # on the model's device
+    mask = (torch.cat(acc) > 0.5).reshape(res, res).cpu().numpy()
     if return_points:
-        return basis, mask, torch.cat(pts, 0).float()
+        return basis, mask, torch.cat(pts, 0).float().cpu()
     return basis, mask
 
 
@@ -116,14 +117,14 @@ def combine_basis(phi: torch.Tensor, basis: torch.Tensor, weights: np.ndarray, r
     (L, 3) RGB light weights. Returns (N, 3, res, res) float32: frame n, channel c is
     ``sum_k (sum_l w[n, l, c] phi[l, k]) basis[k, :, c]``.
     """
-    w = torch.as_tensor(np.asarray(weights, np.float32))
+    w = torch.as_tensor(np.asarray(weights, np.float32), device=basis.device)
     if w.ndim == 2:
         w = w[None]
     if w.shape[1:] != (phi.shape[0], 3):
         raise ValueError(f"weights must be (N, {phi.shape[0]}, 3), got {tuple(w.shape)}")
-    coef = torch.einsum("lk,nlc->nkc", phi.float(), w)  # (N, K, 3)
+    coef = torch.einsum("lk,nlc->nkc", phi.to(basis.device).float(), w)  # (N, K, 3)
     out = torch.einsum("nkc,kpc->ncp", coef, basis.float())
-    return out.reshape(w.shape[0], 3, res, res).numpy()
+    return out.reshape(w.shape[0], 3, res, res).cpu().numpy()
 
 
 def prepare(image, bundle, crop_size: int = 256, landmarks=None, box=None, detector=None):
@@ -288,8 +289,9 @@ class PortraitSource:
         """(L, K) light coefficients of the model's lights (cached)."""
         if self._phi is None:
             with torch.no_grad():
+                dev = next(self.bundle.net.parameters()).device
                 self._phi = self.bundle.net.light_coefficients(
-                    torch.from_numpy(self.bundle.light_dirs.astype(np.float32))).float()
+                    torch.from_numpy(self.bundle.light_dirs.astype(np.float32)).to(dev)).float()
         return self._phi
 
     def add_view(self, name: str, label: np.ndarray) -> None:
