@@ -135,7 +135,33 @@ def test_store_layout_and_verify(store):
     assert len(ds.attrs["provenance"]["inputs_sha256"]) == 5 * 4 * 2
     # a static subject: flows ~ 0, consistent
     assert np.abs(ds["flow"].values).max() < 0.1
+    assert ds["flow"].dims == ("camera", "tracking_frame", "component", "fy", "fx")
+    assert ds["flow"].dtype == np.float16 and ds["flow"].attrs["stride"] == 4
+    assert ds["flow"].shape[-2:] == (-(-H // 4), -(-W // 4))
     assert verify_store(store) == []
+
+
+def test_verify_reads_older_blake2b_checksums(store, tmp_path):
+    import shutil
+
+    from lightstage.ingest import image_checksum
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(store, old)
+    g = zarr.open_group(str(old), mode="r+")["s000/t0"]
+    # as a store from before CRC32C: blake2b-64 sums, said so in the attributes
+    ing = dict(g.attrs["ingest"])
+    ing["checksum"] = "blake2b-64 (little-endian uint64) of the stored olat bytes then valid bytes"
+    g.attrs["ingest"] = ing
+    C, L = g["done"].shape
+    g["checksum"][...] = np.array([[image_checksum(g["olat"][c, l], g["valid"][c, l], algorithm="blake2b")
+                                    for l in range(L)] for c in range(C)], np.uint64)
+    T = g["tracking"].shape[1]
+    g["tracking_checksum"][...] = np.array([[image_checksum(g["tracking"][c, j], algorithm="blake2b")
+                                             for j in range(T)] for c in range(C)], np.uint64)
+    assert verify_store(old) == []
+    g["olat"][0, 1] = g["olat"][0, 1] * np.float16(1.5)
+    assert any("checksum mismatch" in p for p in verify_store(old))
 
 
 def _arrays(store):
