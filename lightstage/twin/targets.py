@@ -517,7 +517,7 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
                      diffuse_cameras: int = 2, lights: list[int] | None = None,
                      light_radius: float = 0.025,
                      cameras: list[str] | None = None, supersample: int = 3,
-                     board_supersample: int = 8,
+                     board_supersample: int | None = None,
                      chrome_offsets: tuple = ((0.0, 0.0, 0.1),)) -> list[CalibrationShot]:
     """The shots of a calibration capture of ``rig``.
 
@@ -531,9 +531,11 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
     Targets are sized for the rig: boards and charts ~0.25 m wide, placed at the rig centre
     (the cameras' common view). ``lights`` / ``cameras`` restrict the plan (fast tests).
 
-    ``board_supersample``: rays per pixel per axis of the ChArUco boards. Corner positions are
-    what geometry is tested on, and a regular 3 x 3 grid quantises edge coverage to thirds of
-    a pixel: the corners then sit ~0.05 px off their true projection (8 x 8: ~0.02 px).
+    ``board_supersample``: rays per pixel per axis of the ChArUco boards (default 8, or
+    ``supersample`` when that is below 3: a deliberately coarse, fast plan). Corner positions
+    are what geometry is tested on, and a regular 3 x 3 grid quantises edge coverage to thirds
+    of a pixel: corners then sit ~0.05 px off their true projection, which cost the demo rig
+    ~0.5 mm / 0.05 deg of camera pose.
     ``chrome_offsets``: further mount positions of the chrome ball (metres from the rig
     centre; shots ``chrome_ambient_b<k>``, ``chrome_b<k>_<light>``, ``known['ball'] = k``):
     mirror rays from two ball positions triangulate near-field light *positions*, where one
@@ -588,6 +590,8 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
                            rng.uniform(-0.15, 0.15)])
         poses.append(board_pose(centre, _dir(yaw, pitch), roll, (bw, bh)))
     t_board = _exposure(rig, cams, np.full(3, 0.85) * E / math.pi, 0.85)
+    bss = board_supersample if board_supersample is not None else (
+        8 if supersample >= 3 else supersample)
     for k, P in enumerate(poses):
         nrm = -P[:3, 2]
         lit = [i for i in range(rig.n_lights) if rig.lights[i].direction @ nrm > 0.3]
@@ -598,7 +602,7 @@ def calibration_plan(rig: Rig, seed: int = 0, board: BoardSpec = DEFAULT_BOARD,
         see = [c for c in cams if (rig.camera(c).centre - P[:3, 3]) @ nrm
                / np.linalg.norm(rig.camera(c).centre - P[:3, 3]) > math.cos(math.radians(70))]
         shots.append(CalibrationShot(
-            f"board_{k:02d}", PlanarTarget(tex, (bw, bh), P, max(supersample, board_supersample)),
+            f"board_{k:02d}", PlanarTarget(tex, (bw, bh), P, bss),
             lit, see, [t_board],
             {"kind": "board", "known": known, "pose_index": k, "board2world": P.tolist()}))
 
