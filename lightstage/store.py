@@ -165,7 +165,9 @@ def create_take(
     root = zarr.open_group(str(store_path), mode="a", zarr_format=3)
     if root.attrs.get("format") not in (None, STORE_FORMAT):
         raise StoreError(f"{store_path}: not a lightstage store (format={root.attrs.get('format')!r})")
-    root.attrs.update({"format": STORE_FORMAT, "schema_version": SCHEMA_VERSION})
+    if (root.attrs.get("format"), root.attrs.get("schema_version")) != (STORE_FORMAT, SCHEMA_VERSION):
+        # one metadata write (attrs.update() rewrites zarr.json once per key)
+        root.update_attributes({"format": STORE_FORMAT, "schema_version": SCHEMA_VERSION})
     path = f"{subject}/{take}"
     if path in root:
         if not overwrite:
@@ -192,7 +194,7 @@ def create_take(
     a.update({"schema_version": SCHEMA_VERSION, "subject": subject, "take": take,
               "cameras": list(cameras), "scale": float(scale)})
     a.setdefault("colour_space", "linear Rec.709 (D65)")
-    g.attrs.update(_jsonable(a))
+    g.update_attributes(_jsonable(a))  # one write of the take's metadata, not one per key
     return g
 
 
