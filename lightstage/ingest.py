@@ -1,6 +1,9 @@
 """``ls-ingest``: raw multi-view OLAT captures -> calibrated, motion-compensated Zarr v3 store.
 
-Per image (one camera, one frame) the pipeline is::
+Per image (one camera, one frame) the pipeline is (fused into a few OpenCV passes per plane:
+normalisation inside the merge, the demosaic's normalised convolution reduced to one filter per
+colour, vignetting, colour matrix, per-unit-light and storage scale folded into one 3x3 mix,
+float16 conversion by OpenCV)::
 
     raw DNG bracket --rawpy--> normalised CFA mosaics + saturation masks     (lightstage.raw)
       --merge (exposure x gain normalised, saturation aware)--> HDR mosaic   (lightstage.hdr)
@@ -14,8 +17,12 @@ Camera RGB here is exactly what the calibration file's ``colour_matrix`` expects
 Scheduling. Work is split into one task per camera (its tracking frames: decode, optical flow
 from the reference to every tracking frame, stored motion-compensated with the flows and a
 foreground mask) and one task per (camera, OLAT frame) (decode, merge, colour, warp with the
-flow interpolated in time). Each task writes whole shards only (one image = one shard), so no
-two writers ever touch the same shard; small shared arrays (``done``, checksums) are written
+flow interpolated in time); on a Dask cluster a few OLAT images of one camera go in one task
+(:func:`olat_batch_task`) so the scheduler's per-task cost stays small next to the work. Each
+task writes whole shards only (one image = one shard, through
+:func:`lightstage.store.write_image`, which encodes the shard itself and renames it into place,
+~2x faster than zarr's own write path and byte-identical to it), so no two writers ever touch
+the same shard; small shared arrays (``done``, checksums) are written
 only by the driving process, after the task that wrote the image has returned. Tasks run in
 process (``workers=0``), on a ``LocalCluster`` of spawned worker processes (``workers=N``), or on
 an existing Dask scheduler (``scheduler="tcp://..."``): the stored bytes are identical.

@@ -11,6 +11,9 @@ Layout (schema version 1)::
                                                      consistency, saturation): 255 = trusted
         done      (camera, light)                    uint8 completion flag per OLAT image
 
+Compression: the radiance arrays (olat, tracking) use Blosc LZ4 with bit-shuffle
+(:data:`RADIANCE_CODEC`), the uint8 arrays zstd; readers need nothing but zarr either way.
+
 The OLAT stack is *channel-planar*: relighting one camera is a GEMV of the (light) weights
 against a (light, channel*y*x) matrix, which runs at memory bandwidth (DESIGN.md). Chunks are
 (1, 1, 3, tile, tile) for crop access; one shard holds one whole image (1, 1, 3, H, W), so one
