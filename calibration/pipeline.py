@@ -142,50 +142,79 @@ def _ball(shot: dict) -> int:
     return int(_known(shot).get("ball", 0))
 
 
-def triangulate_light_positions(rays: dict[int, list[tuple]], min_angle_deg: float = 1.0
+def _on_sphere(rl: list[tuple], R: float) -> np.ndarray:
+    """The weighted mean of where rays ``(x, r, w, ...)`` meet the sphere |p| = R."""
+    pts, w = [], []
+    for x, r, wi, *_ in rl:
+        bb = x @ r
+        s = -bb + np.sqrt(max(bb * bb - (x @ x - R * R), 0.0))
+        pts.append(x + s * r)
+        w.append(wi)
+    p = (np.array(pts) * np.array(w)[:, None]).sum(0) / sum(w)
+    return p * (R / np.linalg.norm(p))
+
+
+def triangulate_light_positions(rays: dict[int, list[tuple]], min_angle_deg: float = 0.5
                                 ) -> dict[int, tuple[np.ndarray, str]]:
     """Light positions from mirror rays ``{light: [(x, r, weight, ball), ...]}`` of one or
     more chrome-ball mount positions.
 
     Rays of one ball leave it a few cm apart and fix a light's direction, hardly its range;
-    rays from two ball positions ~0.1 m apart cross at a few degrees and fix the range too.
-    A light seen on >= 2 balls whose rays span at least ``min_angle_deg`` is triangulated
-    (:func:`calibration.lights.triangulate_lines`, all its rays). The others are placed along
-    their rays on the sphere of the median range of those (stages mount their lights on a
-    near-sphere), or, with no such light, by :func:`calibration.lights.light_positions` from
-    one ball. Returns ``{light: (position, how)}``.
+    rays from two ball positions ~0.1 m apart cross at a few degrees and fix the range too,
+    to ~σ_ray d / sin θ (d the range, θ the widest angle between rays of different balls).
+    So: every light seen on >= 2 balls (rays spanning >= ``min_angle_deg``) is triangulated
+    (:func:`calibration.lights.triangulate_lines`); σ_ray is pooled from the rays' angular
+    residuals. Stages mount their lights on a near-sphere, so each triangulated range is then
+    combined, by inverse variance, with the median range of all of them, whose spread about
+    it (less the triangulation noise) is the sphere's own scatter: lights of a spherical rig
+    settle on the fitted sphere, a light truly off it keeps its own range. Lights seen on one
+    ball only are placed along their rays at the median range, or, with no light triangulated
+    at all, by :func:`calibration.lights.light_positions`. Returns ``{light: (position, how)}``.
     """
-    out: dict[int, tuple[np.ndarray, str]] = {}
-    rest: dict[int, list] = {}
+    tri: dict[int, tuple[np.ndarray, float, int]] = {}
+    res2, dof = 0.0, 0
     for i, rl in rays.items():
-        balls = {t[3] for t in rl}
-        if len(balls) >= 2:
-            R = np.array([t[1] for t in rl])
-            # widest angle between the rays of different balls
-            ang = max(np.degrees(np.arccos(np.clip(R[a] @ R[k], -1, 1)))
-                      for a in range(len(rl)) for k in range(len(rl)) if rl[a][3] != rl[k][3])
-            if ang >= min_angle_deg:
-                p, _ = triangulate_lines(np.array([t[0] for t in rl]), R,
-                                         np.array([t[2] for t in rl]))
-                if all((p - t[0]) @ t[1] > 0 for t in rl):
-                    out[i] = (p, f"triangulated from {len(rl)} views of {len(balls)} ball positions")
-                    continue
-        rest[i] = rl
-    if not rest:
-        return out
-    if not out:
-        return light_positions({i: [t[:3] for t in rl] for i, rl in rest.items()})
-    Rm = float(np.median([np.linalg.norm(p) for p, _ in out.values()]))
-    for i, rl in rest.items():
-        pts, w = [], []
-        for x, r, wi, _ in rl:
-            bb = x @ r
-            s = -bb + np.sqrt(max(bb * bb - (x @ x - Rm * Rm), 0.0))
-            pts.append(x + s * r)
-            w.append(wi)
-        p = (np.array(pts) * np.array(w)[:, None]).sum(0) / sum(w)
-        out[i] = (p * (Rm / np.linalg.norm(p)),
-                  f"{len(rl)} view(s), on the {Rm:.3f} m median sphere of the triangulated lights")
+        if len({t[3] for t in rl}) < 2:
+            continue
+        X = np.array([t[0] for t in rl])
+        R = np.array([t[1] for t in rl])
+        cross = [np.degrees(np.arccos(np.clip(R[a] @ R[k], -1, 1)))
+                 for a in range(len(rl)) for k in range(len(rl)) if rl[a][3] != rl[k][3]]
+        theta = max(cross)
+        if theta < min_angle_deg:
+            continue
+        p, _ = triangulate_lines(X, R, np.array([t[2] for t in rl]))
+        v = p - X
+        along = np.einsum("ij,ij->i", v, R)
+        if np.any(along <= 0):
+            continue
+        # angular residual of each ray (2 components), 3 dof taken by the point
+        res2 += float((np.linalg.norm(np.cross(v, R), axis=1) ** 2 / along ** 2).sum())
+        dof += 2 * len(rl) - 3
+        tri[i] = (p, theta, len(rl))
+    out: dict[int, tuple[np.ndarray, str]] = {}
+    if not tri:
+        return light_positions({i: [t[:3] for t in rl] for i, rl in rays.items()})
+    sig_ray = np.sqrt(res2 / dof) if dof > 0 else np.radians(0.1)
+    ranges = {i: float(np.linalg.norm(p)) for i, (p, _, _) in tri.items()}
+    sig_t = {i: sig_ray * ranges[i] / np.sin(np.radians(tri[i][1])) for i in tri}
+    Rm = float(np.median(list(ranges.values())))
+    # scatter of the rig's light ranges: what the triangulated spread has beyond its noise
+    # (floor 2 mm: no stage is a perfect sphere)
+    excess = np.mean([(ranges[i] - Rm) ** 2 - sig_t[i] ** 2 for i in tri])
+    sig_s = float(np.sqrt(max(excess, 0.002 ** 2)))
+    for i, (p, theta, n) in tri.items():
+        wt = 1 / sig_t[i] ** 2
+        ws = 1 / sig_s ** 2
+        r = (wt * ranges[i] + ws * Rm) / (wt + ws)
+        out[i] = (_on_sphere(rays[i], r),
+                  f"triangulated from {n} views of 2+ ball positions ({theta:.1f} deg, range "
+                  f"{ranges[i]:.3f} +- {sig_t[i]:.3f} m), weighted with the {Rm:.3f} m median "
+                  f"range (+- {sig_s:.3f} m)")
+    for i, rl in rays.items():
+        if i not in out:
+            out[i] = (_on_sphere(rl, Rm),
+                      f"{len(rl)} view(s), on the {Rm:.3f} m median range of the triangulated lights")
     return out
 
 

@@ -2,8 +2,8 @@
 recovers the rig, compared against the twin's exact calibration.
 
 Default run: a subset (3 of the demo rig's 8 cameras at 512 x 512, 10 board poses, 2
-lights). The full demo rig (every camera, 30 poses, 15 lights) is the slow test, which
-checks the issue's accuracy targets."""
+lights, chrome ball at two positions). The full demo rig (every camera, 30 poses, 15 lights)
+is the slow test, which checks the issue's accuracy targets."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ def _compare(cal, truth):
         lights[l.index] = {
             "dir_deg": math.degrees(math.acos(np.clip(l.direction @ t.direction, -1, 1))),
             "rgb": float(np.abs(l.rgb / t.rgb - 1).max()),
+            # position error relative to the light's distance (near-field rigs)
+            "pos_rel": float(np.linalg.norm(l.position - t.position) / np.linalg.norm(t.position)),
         }
     return cams, lights
 
@@ -142,14 +144,13 @@ def test_bad_capture_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_twin_full_demo_rig(tmp_path):
-    """Every demo camera, 30 board poses, 15 lights.
+    """Every demo camera, 30 board poses, 15 lights, chrome ball at two mount positions: the
+    issue's targets (camera centres 1 mm, rotations 0.05 deg, focal 0.5 %, chart dE00 0.5,
+    light directions 0.5 deg, intensities 1 %).
 
-    Measured (seed 0): intrinsics <= 0.08 %, chart dE00 <= 0.03, light directions <= 0.25 deg,
-    intensities <= 0.9 % -- inside the issue's targets; camera centres 0.41-1.03 mm and
-    rotations 0.017-0.094 deg -- the targets (1 mm, 0.05 deg) are met by most cameras, not
-    all: ChArUco corners on these 512 px, 21-degree views carry ~0.15 px of detector/render
-    noise, and the principal point (hence the rotation) of a narrow lens is weakly observed.
-    The bounds below are what is achieved, with margin."""
+    Measured (seed 0): centres 0.11-0.39 mm, rotations 0.008-0.037 deg (corners refitted as
+    blurred saddles on linear data, boards rendered at 8x8 rays per pixel); light positions
+    from two ball positions within a few % of their range (reported, no target)."""
     out = tmp_path / "capture"
     simulate(out, builtin_rig("demo"), n_subjects=0, seed=0, workers=2,
              calibration={"lights": list(range(0, 150, 10))})
@@ -157,11 +158,17 @@ def test_twin_full_demo_rig(tmp_path):
     truth = load_calibration(out / "calibration" / "truth_calibration.json")
     assert len(run.calibration.cameras) == 8, run.problems
     cams, lights = _compare(run.calibration, truth)
+    print({n: (round(e["centre_mm"], 3), round(e["rot_deg"], 4)) for n, e in cams.items()})
     for name, e in cams.items():
         assert e["de_mean"] < 0.5, (name, e)
         assert e["f"] < 0.005, (name, e)
-        assert e["centre_mm"] < 1.5, (name, e)
-        assert e["rot_deg"] < 0.15, (name, e)
+        assert e["centre_mm"] < 1.0, (name, e)
+        assert e["rot_deg"] < 0.05, (name, e)
     assert len(lights) == 15
+    print({i: (round(e["dir_deg"], 3), round(e["rgb"], 4), round(e["pos_rel"], 4))
+           for i, e in lights.items()})
     for i, e in lights.items():
         assert e["dir_deg"] < 0.5 and e["rgb"] < 0.01, (i, e)
+        # two ball positions fix the range: a few % (one ball left it to the rig's shape)
+        assert e["pos_rel"] < 0.05, (i, e)
+    assert any("ball positions" in r["how"] for r in run.tables["lights"])
