@@ -115,7 +115,7 @@ def _io_floor(cap: Path, store: Path, scratch: Path, writer: str = "zarr") -> fl
             a[idx] = x
     else:
         put = write_image
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for p in files:
         with rawpy.imread(str(p)) as r:
             r.raw_image_visible.copy()
@@ -125,7 +125,7 @@ def _io_floor(cap: Path, store: Path, scratch: Path, writer: str = "zarr") -> fl
         for li in range(L):
             put(ga, (c, li), olat[c, li])
             put(gv, (c, li), valid[c, li])
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _writer_vs_zarr(h: int, w: int, n: int = 24) -> dict:
@@ -170,11 +170,12 @@ def _cpu_seconds() -> float:
 
 
 _MEM_CODE = r"""
-import json, resource, sys, numpy as np
+import json, sys, tempfile, numpy as np
 from pathlib import Path
 from lightstage import align
-from lightstage.ingest import _CamSpec, _FrameSpec, process_frame, _to_store
+from lightstage.ingest import _CamSpec, _FrameSpec, _develop, _store_planes
 from lightstage.calibfile import load_calibration, Calibration
+from lightstage.store import create_take, write_image
 cap, cal_p, cam = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 cal = load_calibration(cal_p)
 d = Calibration(rig="", cameras={cam: cal.cameras[cam]}, lights=[]).to_dict()["cameras"][cam]
@@ -182,17 +183,23 @@ H, W = cal.cameras[cam].image_size
 man = json.loads((cap / "s000/t0/capture.json").read_text())
 fr = [f for f in man["frames"] if f["kind"] == "olat"][0]
 files = [(str(cap / "s000/t0" / r["path"]), r["exposure"], r["iso"], None) for r in fr["files"][cam]]
+g = create_take(Path(tempfile.mkdtemp()) / "m.zarr", "s", "t", cameras=[cam], n_lights=1,
+                n_tracking=1, height=H, width=W, attrs={})
 def hwm():  # VmHWM: unlike ru_maxrss it is not inherited across fork + exec
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return float(line.split()[1]) / 1024
 base = hwm()
-rgb, valid = process_frame(_CamSpec(cam, H, W, d), _FrameSpec(fr["index"], "olat", 0, files), False)
-y, x = np.mgrid[0:H, 0:W].astype(np.float32)
-flow = np.stack([0.5 + 0.1 * np.sin(x / 300), 0.3 * np.cos(y / 200)], -1).astype(np.float32)
-rgb, inside = align.warp(rgb, flow)
-v, _ = align.warp(valid.astype(np.float32), flow)
-s = _to_store(rgb, 1.0, "float16")
+# as olat_task does it: develop, warp with a dense flow from a stride-4 float16 grid, store
+planes, valid = _develop(_CamSpec(cam, H, W, d), _FrameSpec(fr["index"], "olat", 0, files), False,
+                         None, np.ones(3))
+y, x = np.mgrid[0:H:4, 0:W:4].astype(np.float32)
+grid = np.stack([0.5 + 0.1 * np.sin(x / 300), 0.3 * np.cos(y / 200)]).astype(np.float16)
+mx, my, inside = align.warp_maps(align.decode_flow(grid, H, W, 4))
+planes = align.warp_planes(planes, mx, my)
+stored = _store_planes(planes, "float16")
+write_image(g["olat"], (0, 0), stored)
+write_image(g["valid"], (0, 0), inside)
 peak = hwm()
 print(json.dumps({"baseline_mb": base, "peak_mb": peak}))
 """
@@ -209,33 +216,38 @@ def main(quick: bool = False) -> list[dict]:
         h = w = 128 if quick else 384
         n = 8 if quick else 16
         cap, cal = write_capture(tmp / "cap", h, w, n)
-        t_ings, t_floors, t_strict = [], [], []
+        t_ings, t_floors, t_strict = [], [], []  # (wall, CPU) seconds
         load0 = os.getloadavg()[0]
         for rep_i in range(3):  # interleaved, best of 3: the machine is shared
             out = tmp / f"a{rep_i}.zarr"
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             rep = ingest(cap, cal, out, config=IngestConfig())
-            t_ings.append(time.perf_counter() - t0)
+            t_ings.append((time.perf_counter() - t0, time.process_time() - c0))
             assert rep.ok, rep.errors
             shutil.rmtree(tmp / "floor.zarr", ignore_errors=True)
             t_floors.append(_io_floor(cap, out, tmp, "zarr"))
             shutil.rmtree(tmp / "floor.zarr", ignore_errors=True)
             t_strict.append(_io_floor(cap, out, tmp, "shard"))
-        t_ing, t_floor, t_fs = min(t_ings), min(t_floors), min(t_strict)
+        t_ing, t_floor, t_fs = (min(t[0] for t in x) for x in (t_ings, t_floors, t_strict))
+        c_ing, c_floor, c_fs = (min(t[1] for t in x) for x in (t_ings, t_floors, t_strict))
         n_img = 4 * (n + 2)
         g = zarr.open_group(str(tmp / "a0.zarr"), mode="r")["s000/t0"]
         flow_bytes = sum(f.stat().st_size for f in (tmp / "a0.zarr" / "s000" / "t0" / "flow").rglob("*")
                          if f.is_file())
+        # CPU seconds (all threads of the process: zarr's codec pool, Blosc) measure the work
+        # done, which a loaded machine inflates far less than wall time
         rows.append({"name": "ingest_vs_io_floor", "ratio": t_floor / t_ing, "goal": ">= 0.7",
-                     "ingest_s": t_ing, "floor_s": t_floor, "images": n_img, "size": [h, w],
+                     "cpu_ratio": c_floor / c_ing,
+                     "ingest_s": t_ing, "floor_s": t_floor, "ingest_cpu_s": c_ing,
+                     "floor_cpu_s": c_floor, "images": n_img, "size": [h, w],
                      "ingest_images_per_s": n_img / t_ing, "load_avg_before": load0,
-                     "load_avg": os.getloadavg()[0], "all_ingest_s": t_ings,
-                     "all_floor_s": t_floors,
+                     "load_avg": os.getloadavg()[0], "all_ingest": t_ings, "all_floor": t_floors,
                      "floor": "rawpy imread + raw_image_visible copy, zarr setitem of olat, "
                               "valid and tracking (same layout and codec)"})
         rows.append({"name": "ingest_vs_io_floor_same_writer", "ratio": t_fs / t_ing,
+                     "cpu_ratio": c_fs / c_ing,
                      "goal": "(stricter floor, reported beside the goal's)",
-                     "ingest_s": t_ing, "floor_s": t_fs, "all_floor_s": t_strict,
+                     "ingest_s": t_ing, "floor_s": t_fs, "floor_cpu_s": c_fs, "all_floor": t_strict,
                      "floor": "as ingest_vs_io_floor, written with lightstage.store.write_image "
                               "(the ingest's own writer)", "load_avg": os.getloadavg()[0]})
         T = g["tracking"].shape[1]
