@@ -372,7 +372,11 @@ calibrated rig: {html.escape(str(cal.get('rig', 'tiny')))}</p>
 <h2>4. Relight of the captured subject</h2>{table(res['relight'])}
 {img('relight/relit.png', 'relit from the store')}{img('relight/truth.png', 'truth store, same weights')}{img('relight/turntable.gif', 'turntable')}
 <h2>5. Single-image portrait relight (held-out twin subject)</h2><p>model: {html.escape(str(res.get('portrait_model')))}.
-PSNR over the head, peak = truth max; baseline = the unrelit input scaled per channel to the truth's mean.</p>
+PSNR over the head, peak = truth max; baseline = the unrelit input scaled per channel to the truth's mean
+(an oracle exposure). model = the pipeline's absolute output, its exposure defined by the input's known lighting
+(as <code>ls-relight --input-env</code>), with the photo's per-pixel detail; model matched = the same with the
+baseline's oracle exposure; exposure only = without the detail; uncalibrated = the network's raw units;
+estimated matched = with the input lighting estimated from the image (the default when it is unknown).</p>
 {table(res.get('portrait', {}))}{portrait_imgs}
 </body></html>
 """

@@ -67,6 +67,7 @@ def test_real_photo_end_to_end(photo, bundle, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "relight.json").read_text())
     assert set(rep["portrait"]["views"]) == {"input", "yaw+25"}
+    assert rep["portrait"]["exposure"]["input_lighting"] == "estimated"
     for i in range(3):
         f = read_exr(out / f"frame_{i:03d}.exr")
         assert f.shape == (2 * bundle.resolution, 2 * bundle.resolution, 3)
@@ -110,6 +111,37 @@ def test_grace_hopper(bundle):
     assert src.prepared.source == "detected"
     frame = src.relight(np.ones((len(src.light_directions), 3)))
     assert np.isfinite(frame).all() and frame.max() > 0
+
+
+def test_cli_input_env_puts_outputs_in_the_photos_exposure(tmp_path):
+    """--input-env: relit under the input lighting itself, the head has the photo's brightness
+    per channel (the least-squares exposure the calibration defines; the tiny model's head shape
+    differs from the photo's, so the mean ratio is near 1, not exactly 1)."""
+    cbook = pytest.importorskip("matplotlib.cbook")
+    from cli.relight import main
+    from lightstage.imageio import read_exr
+    from model.face import load_portrait
+
+    path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, [path, "--env", "studio", "--input-env", "studio", "--no-detail", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "relight.json").read_text())
+    cal = rep["portrait"]["exposure"]
+    assert cal["input_lighting"] == "known" and cal["detail"] is False
+    relit = read_exr(out / "relit.exr")
+    crop = read_exr(out / "view_input.exr")  # the same frame, written for the report
+    np.testing.assert_allclose(relit, crop, rtol=1e-5)
+    from model.portrait import _resize, prepare
+
+    prep, _ = prepare(path, load_bundle())
+    photo = _resize(prep.image, relit.shape[0])
+    m = relit.sum(-1) > 0.05 * relit.sum(-1).max()
+    ratio = relit[m].mean(0) / photo[m].mean(0)
+    assert np.all(np.abs(ratio - 1) < 0.25), ratio
+    r2 = CliRunner().invoke(main, ["--store", "x.zarr", "--env", "studio", "--input-env", "studio", "--out",
+                                   str(tmp_path / "p")])
+    assert r2.exit_code != 0 and "--input-env is for a PORTRAIT" in r2.output
 
 
 def _png(path, arr):
