@@ -114,6 +114,21 @@ def test_noise_statistics_match_shot_plus_read_model():
                           noise_rng(1, "s000", "cam01").integers(0, 1 << 30, 4))
 
 
+def test_noise_does_not_depend_on_the_block_size(monkeypatch):
+    """Large frames draw their noise in blocks (bounded memory): same keys, same bytes as one
+    whole-image draw, whatever the block size."""
+    import lightstage.twin.sensor as sensor
+
+    cam = _camera("GBRG", vignetting=0.2)
+    H, W = cam.resolution
+    rad = np.random.default_rng(5).uniform(0, 2, (H, W, 3)).astype(np.float32)
+    monkeypatch.setattr(sensor, "_NOISE_BLOCK", H * W)
+    whole = simulate_raw(rad, cam, 1 / 60, noise_rng(3, 1, 2))
+    for block in (1000, 77):
+        monkeypatch.setattr(sensor, "_NOISE_BLOCK", block)
+        assert np.array_equal(simulate_raw(rad, cam, 1 / 60, noise_rng(3, 1, 2)), whole)
+
+
 def test_clipping_at_white_and_black():
     cam = _camera("BGGR")
     H, W = cam.resolution
@@ -372,6 +387,18 @@ def test_same_seed_same_bytes_for_any_worker_count(tmp_path):
     hc = _folder_hash(c)
     dng = [k for k in ha if k.endswith(".dng") and k.startswith("s000")]
     assert dng and all(ha[k] != hc[k] for k in dng)  # another seed: other noise everywhere
+
+
+@pytest.mark.slow
+def test_head_capture_same_bytes_with_shared_caches(tmp_path):
+    """Workers load the driver's head scene and share rest-pose depth maps and shadow tables
+    through a scratch folder: the bytes must still not depend on the worker count."""
+    rig = builtin_rig("tiny")
+    kw = dict(noise=True, frames="1:5", calibration=False)
+    a = simulate(tmp_path / "a", rig, 1, seed=5, workers=1, **kw)
+    b = simulate(tmp_path / "b", rig, 1, seed=5, workers=2, **kw)
+    ha, hb = _folder_hash(a), _folder_hash(b)
+    assert any(k.endswith(".dng") for k in ha) and ha == hb
 
 
 def test_refuses_non_empty_out_and_overwrites_only_its_own(tmp_path):
