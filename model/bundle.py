@@ -1,7 +1,7 @@
 """The bundled default model: a tiny prior + encoder + basis-head reflectance network, trained on
 the digital twin, shipped as safetensors + JSON inside the package (``model/assets/default``).
 
-Reproduce it with ONE command (fixed seeds, small step counts, ~10-15 min on 2 CPU cores)::
+Reproduce it with ONE command (fixed seeds, small step counts, about 15 min of CPU on one thread)::
 
     python -m model.bundle build --out model/assets/default [--overwrite]
 
@@ -15,11 +15,20 @@ Stages (each seeded from :attr:`BundleConfig.seed`):
    training subjects and views, the twin renders one image per model light (distant, unit
    irradiance, cast shadows on), and the network, fed the prior's triplane of that subject's
    code and the prior's fixed density, learns to reproduce them (masked linear + log L2 as in
-   ``model.train_reflectance.reflectance_loss``).
+   ``model.train_reflectance.reflectance_loss``);
+4. fit the 5-point landmark template of the twin heads (MTCNN landmarks of training subjects
+   at known cameras, triangulated: :func:`fit_twin_landmark_template`), so that pose estimates
+   of twin-like faces follow the model's head frame (``bundle.json`` field ``landmarks_3d``).
+
+Reproducible: two builds with the same config write byte-identical folders (one torch thread,
+deterministic kernels, every RNG seeded from the config; no timings or temporary paths are
+written -- they go to the log and, with ``--work``, to ``WORK/build_timings.json``). The encoder
+is stored in float16 (half the bytes; no measurable change in any evaluation number).
 
 Folder layout (everything loads with safetensors/JSON only: no code runs)::
 
-    DIR/bundle.json                 format, light set (head frame), display transform, provenance
+    DIR/bundle.json                 format, light set (head frame), display transform, landmark
+                                    template, provenance
     DIR/prior.safetensors|.json     model.checkpoint format
     DIR/encoder.safetensors|.json   model.encoder format
     DIR/reflectance.safetensors     ReflectanceNet state dict (config in bundle.json)

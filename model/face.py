@@ -27,7 +27,10 @@ FFHQ data was cropped, plus EG3D's 25-float camera label. This module does that 
 4. :func:`estimate_pose` solves PnP (OpenCV SQPnP + Levenberg-Marquardt) between the aligned
    landmarks and the template placed in EG3D's head frame (:data:`LM5_EG3D`), with EG3D's
    normalised intrinsics (focal 4.2647, principal point at the centre), and moves the camera
-   along its ray to EG3D's radius 2.7 (EG3D's ``fix_pose_orig``).
+   along its ray to EG3D's radius 2.7 (EG3D's ``fix_pose_orig``). A model trained on other faces
+   passes its own template (:func:`fit_landmark_template` triangulates one from landmarks seen
+   by known cameras; the bundled twin model ships one), since nose shape and pitch cannot be
+   told apart in one photo.
 
 Conventions: pixel centres at integer coordinates (OpenCV); landmarks are ``(5, 2)`` arrays of
 ``(x, y)`` pixels; camera poses are OpenCV cam2world in EG3D's head frame (y up, face towards +z).
