@@ -177,6 +177,14 @@ def write_report(out_dir: str | Path, cal: Calibration, tables: dict, problems: 
         parts.append(f"<p>Chrome ball centre {_fmt(tables['chrome_centre'])} m "
                      f"(silhouette fit RMS {tables.get('chrome_fit_rms_mm', 0):.3f} mm); white ball "
                      f"centre {_fmt(tables.get('diffuse_centre', []))} m.</p>")
+    if len(tables.get("chrome_centres", {})) > 1:
+        parts.append("<p>Chrome ball mount positions (light ranges triangulated across them): " +
+                     "; ".join(f"{b}: {_fmt(c)} m" for b, c in sorted(tables["chrome_centres"].items()))
+                     + ".</p>")
+    if "corners_refined" in tables:
+        cr = tables["corners_refined"]
+        parts.append(f"<p>ChArUco corners refitted as blurred saddles on linear data: "
+                     f"{cr['kept']} of {cr['detected']} kept.</p>")
     tmp = index.with_suffix(".html.tmp")
     tmp.write_text("\n".join(parts) + "\n")
     tmp.replace(index)
