@@ -79,8 +79,8 @@ from .hdr import merge_bracket, merge_raw_snr
 from .manifest import CaptureManifest, find_manifests, load_manifest, sha256_file
 from .raw import RawError, RawFrame, demosaic_planes, read_raw, saturation_rgb
 from .rig import rig_to_dict
-from .store import (STORE_FORMAT, StoreError, create_take, default_tile, list_takes,
-                    provenance, write_image)
+from .store import (STORE_FORMAT, StoreError, create_arrays, create_take, default_tile,
+                    list_takes, provenance, write_image)
 
 __all__ = [
     "IngestConfig",
@@ -794,22 +794,24 @@ def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int,
     Hs, Ws = -(-H // t) * t, -(-W // t) * t
     zstd = [zarr.codecs.ZstdCodec(level=3)]
     h, w = align.flow_grid_shape(H, W, flow_stride)
-    g.create_array("flow", shape=(C, T, 2, h, w), chunks=(1, 1, 2, h, w), dtype="float16",
-                   compressors=zstd, fill_value=0,
-                   dimension_names=("camera", "tracking_frame", "component", "fy", "fx"),
-                   attributes={"stride": int(flow_stride), "units": "pixels (dx, dy)",
-                               "rule": align.FLOW_STORAGE_RULE})
-    g.create_array("flow_valid", shape=(C, T, H, W), chunks=(1, 1, t, t), shards=(1, 1, Hs, Ws),
-                   dtype="uint8", compressors=zstd, fill_value=0,
-                   dimension_names=("camera", "tracking_frame", "y", "x"))
-    g.create_array("tracking_ok", shape=(C, T), chunks=(1, T), dtype="uint8", fill_value=0,
-                   dimension_names=("camera", "tracking_frame"))
-    g.create_array("tracking_done", shape=(C,), chunks=(C,), dtype="uint8", fill_value=0,
-                   dimension_names=("camera",))
-    g.create_array("checksum", shape=(C, L), chunks=(C, L), dtype="uint64", fill_value=0,
-                   dimension_names=("camera", "light"))
-    g.create_array("tracking_checksum", shape=(C, T), chunks=(C, T), dtype="uint64", fill_value=0,
-                   dimension_names=("camera", "tracking_frame"))
+    create_arrays(g, [
+        dict(name="flow", shape=(C, T, 2, h, w), chunks=(1, 1, 2, h, w), dtype="float16",
+             compressors=zstd, fill_value=0,
+             dimension_names=("camera", "tracking_frame", "component", "fy", "fx"),
+             attributes={"stride": int(flow_stride), "units": "pixels (dx, dy)",
+                         "rule": align.FLOW_STORAGE_RULE}),
+        dict(name="flow_valid", shape=(C, T, H, W), chunks=(1, 1, t, t), shards=(1, 1, Hs, Ws),
+             dtype="uint8", compressors=zstd, fill_value=0,
+             dimension_names=("camera", "tracking_frame", "y", "x")),
+        dict(name="tracking_ok", shape=(C, T), chunks=(1, T), dtype="uint8", fill_value=0,
+             dimension_names=("camera", "tracking_frame")),
+        dict(name="tracking_done", shape=(C,), chunks=(C,), dtype="uint8", fill_value=0,
+             dimension_names=("camera",)),
+        dict(name="checksum", shape=(C, L), chunks=(C, L), dtype="uint64", fill_value=0,
+             dimension_names=("camera", "light")),
+        dict(name="tracking_checksum", shape=(C, T), chunks=(C, T), dtype="uint64", fill_value=0,
+             dimension_names=("camera", "tracking_frame")),
+    ])
 
 
 def _prepare_take(spec: _TakeSpec, attrs: dict, prov: dict, cfg: IngestConfig) -> tuple[zarr.Group, bool]:
