@@ -117,11 +117,13 @@ def _newton1(ox, oy, oz, dx, dy, dz, t, c, geo, R, n, p, iterations):
     rho = math.sqrt(rx * rx + ry * ry + rz * rz)
     b, wu, wv = _lookup(rx, ry, rz, n, p)
     w00, w01, w10, w11 = (1 - wu) * (1 - wv), wu * (1 - wv), (1 - wu) * wv, wu * wv
-    g = np.empty(4)
-    for k in range(4):
-        g[k] = w00 * geo[b, k] + w01 * geo[b + 1, k] + w10 * geo[b + p, k] + w11 * geo[b + p + 1, k]
-    f = rho - g[0]
-    dfdt = (dx * rx + dy * ry + dz * rz) / rho - (g[0] / rho) * (dx * g[1] + dy * g[2] + dz * g[3])
+    q0, q1, q2, q3 = b, b + 1, b + p, b + p + 1
+    g0 = w00 * geo[q0, 0] + w01 * geo[q1, 0] + w10 * geo[q2, 0] + w11 * geo[q3, 0]
+    g1 = w00 * geo[q0, 1] + w01 * geo[q1, 1] + w10 * geo[q2, 1] + w11 * geo[q3, 1]
+    g2 = w00 * geo[q0, 2] + w01 * geo[q1, 2] + w10 * geo[q2, 2] + w11 * geo[q3, 2]
+    g3 = w00 * geo[q0, 3] + w01 * geo[q1, 3] + w10 * geo[q2, 3] + w11 * geo[q3, 3]
+    f = rho - g0
+    dfdt = (dx * rx + dy * ry + dz * rz) / rho - (g0 / rho) * (dx * g1 + dy * g2 + dz * g3)
     if abs(dfdt) < 0.05:  # a tangent ray: damp instead of flying off
         dfdt = 0.05 if dfdt >= 0 else -0.05
     t_prev, f_prev = t, f
@@ -135,20 +137,72 @@ def _newton1(ox, oy, oz, dx, dy, dz, t, c, geo, R, n, p, iterations):
     return t, f_prev
 
 
+@nb.njit(cache=True, nogil=True)
+def _newton_batch(o, d, t0, c, geo, R, n, p, iterations, t_out, err_out, final_check):
+    """_newton1 for many rays, run in lockstep over chunks of rays: each step's texture
+    lookups of a chunk are independent, so their cache misses overlap (one ray's steps form
+    a dependency chain and would wait for every miss in turn). o (M, 3) or (1, 3)."""
+    m = d.shape[0]
+    B = 32
+    tb = np.empty(B)
+    tp = np.empty(B)
+    fp = np.empty(B)
+    one_o = o.shape[0] == 1
+    for s0 in range(0, m, B):
+        nb_ = min(B, m - s0)
+        for k in range(nb_):
+            i = s0 + k
+            oi = 0 if one_o else i
+            ox, oy, oz = o[oi, 0], o[oi, 1], o[oi, 2]
+            dx, dy, dz = d[i, 0], d[i, 1], d[i, 2]
+            t = t0[i]
+            rx = ox + dx * t - c[0]
+            ry = oy + dy * t - c[1]
+            rz = oz + dz * t - c[2]
+            rho = math.sqrt(rx * rx + ry * ry + rz * rz)
+            b, wu, wv = _lookup(rx, ry, rz, n, p)
+            w00, w01, w10, w11 = (1 - wu) * (1 - wv), wu * (1 - wv), (1 - wu) * wv, wu * wv
+            q0, q1, q2, q3 = b, b + 1, b + p, b + p + 1
+            g0 = w00 * geo[q0, 0] + w01 * geo[q1, 0] + w10 * geo[q2, 0] + w11 * geo[q3, 0]
+            g1 = w00 * geo[q0, 1] + w01 * geo[q1, 1] + w10 * geo[q2, 1] + w11 * geo[q3, 1]
+            g2 = w00 * geo[q0, 2] + w01 * geo[q1, 2] + w10 * geo[q2, 2] + w11 * geo[q3, 2]
+            g3 = w00 * geo[q0, 3] + w01 * geo[q1, 3] + w10 * geo[q2, 3] + w11 * geo[q3, 3]
+            f = rho - g0
+            dfdt = (dx * rx + dy * ry + dz * rz) / rho - (g0 / rho) * (dx * g1 + dy * g2 + dz * g3)
+            if abs(dfdt) < 0.05:  # a tangent ray: damp instead of flying off
+                dfdt = 0.05 if dfdt >= 0 else -0.05
+            tp[k] = t
+            fp[k] = f
+            tb[k] = t - f / dfdt
+        for _ in range(1, iterations):
+            for k in range(nb_):
+                i = s0 + k
+                oi = 0 if one_o else i
+                t = tb[k]
+                f = _f_at(o[oi, 0], o[oi, 1], o[oi, 2], d[i, 0], d[i, 1], d[i, 2], t, c, R, n, p)
+                den = f - fp[k]
+                step = f * (t - tp[k]) / den if abs(den) > 1e-15 else 0.0
+                tp[k] = t
+                fp[k] = f
+                tb[k] = t - step
+        for k in range(nb_):
+            i = s0 + k
+            oi = 0 if one_o else i
+            t_out[i] = tb[k]
+            if final_check:
+                err_out[i] = abs(_f_at(o[oi, 0], o[oi, 1], o[oi, 2], d[i, 0], d[i, 1], d[i, 2],
+                                       tb[k], c, R, n, p))
+            else:
+                err_out[i] = abs(fp[k])
+
+
 @_jit
 def star_newton(o, d, t0, c, geo, R, n, p, iterations, final_check):
-    """Newton/secant refinement of t0 (M,) along rays o (M, 3), d (M, 3): (t, |f|)."""
+    """Newton/secant refinement of t0 (M,) along rays o (M, 3) or (1, 3), d (M, 3): (t, |f|)."""
     m = d.shape[0]
     t_out = np.empty(m)
     err = np.empty(m)
-    for i in range(m):
-        t, fp = _newton1(o[i, 0], o[i, 1], o[i, 2], d[i, 0], d[i, 1], d[i, 2], t0[i], c, geo, R,
-                         n, p, iterations)
-        t_out[i] = t
-        if final_check:
-            err[i] = abs(_f_at(o[i, 0], o[i, 1], o[i, 2], d[i, 0], d[i, 1], d[i, 2], t, c, R, n, p))
-        else:
-            err[i] = abs(fp)
+    _newton_batch(o, d, t0, c, geo, R, n, p, iterations, t_out, err, final_check)
     return t_out, err
 
 
@@ -250,6 +304,14 @@ def posed_geometry(t_src, d_src, src_row0, o_w, T, w2c, K, dist, d_blk, r0, r1, 
     t_out = np.full(nbk, np.inf)
     guess = np.full(nbk, np.inf)
     bad = np.zeros(nbk, np.bool_)
+    cnt = 0
+    for k in range(nbk):
+        if srcj[k] >= 0:
+            cnt += 1
+    pix = np.empty(cnt, np.int64)
+    ds = np.empty((cnt, 3))
+    g_ = np.empty(cnt)
+    cnt = 0
     for k in range(nbk):
         j = srcj[k]
         if j < 0:
@@ -263,10 +325,19 @@ def posed_geometry(t_src, d_src, src_row0, o_w, T, w2c, K, dist, d_blk, r0, r1, 
         g = (ds0 * (o_w[0] + d_src[j, 0] * tt - os0) + ds1 * (o_w[1] + d_src[j, 1] * tt - os1)
              + ds2 * (o_w[2] + d_src[j, 2] * tt - os2))
         guess[k] = g
-        t, _ = _newton1(os0, os1, os2, ds0, ds1, ds2, g, c, geo, R, n, p, 3)
-        e = abs(_f_at(os0, os1, os2, ds0, ds1, ds2, t, c, R, n, p))
-        if e < err_tol and abs(t - g) < dt_tol:
-            t_out[k] = t
+        pix[cnt] = k
+        ds[cnt, 0], ds[cnt, 1], ds[cnt, 2] = ds0, ds1, ds2
+        g_[cnt] = g
+        cnt += 1
+    o1 = np.empty((1, 3))
+    o1[0, 0], o1[0, 1], o1[0, 2] = os0, os1, os2
+    tn = np.empty(cnt)
+    err = np.empty(cnt)
+    _newton_batch(o1, ds, g_, c, geo, R, n, p, 3, tn, err, True)
+    for q in range(cnt):
+        k = pix[q]
+        if err[q] < err_tol and abs(tn[q] - g_[q]) < dt_tol:
+            t_out[k] = tn[q]
         else:
             bad[k] = True
     lo = np.full(nbk, np.inf)
@@ -413,79 +484,92 @@ def shadow_table(occ, x, nrm, q, B, origin, distant, D, px, offset, bias0, max_w
 
 
 @_jit
+def _light_terms(P, V, lx0, ly0, lz0, distant, T):
+    """One light's float32 terms T (3, m) from the per-pixel planes P (21, m) (rows: normal,
+    view vector, point, albedo_c / pi / (1 + w_c), wrap w_c, a^2, a^2 - 1, 1 - a^2, f0, 1 - f0,
+    the light-independent specular factor) and visibility V (m,). Everything in one (K, m)
+    array and one output array: few enough pointers for LLVM to vectorise the loop."""
+    f32 = np.float32
+    m = P.shape[1]
+    for i in range(m):
+        nx = P[0, i]; ny = P[1, i]; nz = P[2, i]
+        vx = P[3, i]; vy = P[4, i]; vz = P[5, i]
+        if distant:
+            lx = lx0; ly = ly0; lz = lz0
+            E = V[i]
+        else:
+            lx = lx0 - P[6, i]; ly = ly0 - P[7, i]; lz = lz0 - P[8, i]
+            inv = f32(1) / np.sqrt(lx * lx + ly * ly + lz * lz)
+            lx = lx * inv; ly = ly * inv; lz = lz * inv
+            E = inv * inv * V[i]
+        ndl = nx * lx + ny * ly + nz * lz
+        hx = lx + vx; hy = ly + vy; hz = lz + vz
+        h2 = hx * hx + hy * hy + hz * hz
+        ndh = nx * hx + ny * hy + nz * hz
+        vdh = (vx * hx + vy * hy + vz * hz) / np.sqrt(h2)
+        ndh2 = ndh * ndh / h2
+        den = ndh2 * P[16, i] + f32(1)
+        den = den * den
+        mm = f32(1) - min(max(vdh, f32(0)), f32(1))
+        m2 = mm * mm
+        F = P[19, i] * (mm * m2 * m2) + P[18, i]
+        ndl_c = max(ndl, f32(0))
+        g1l = f32(2) * ndl_c / (ndl_c + np.sqrt(P[15, i] + P[17, i] * ndl_c * ndl_c) + f32(1e-12))
+        spec = P[20, i] * g1l * F / den
+        T[0, i] = (max(ndl + P[12, i], f32(0)) * P[9, i] + spec) * E
+        T[1, i] = (max(ndl + P[13, i], f32(0)) * P[10, i] + spec) * E
+        T[2, i] = (max(ndl + P[14, i], f32(0)) * P[11, i] + spec) * E
+
+@_jit
 def shade(nrm, v, x, mat, ndv, vidx, vw, lp, rgb, vis, use_vis, distant):
-    """Radiance (M, 3) float64 of M surface pixels summed over lights (see render._shade).
+    """Radiance (3, M) float64 of M surface pixels summed over lights (see render._shade).
 
     Per light and pixel, in float32: ``T_c = E V [albedo_c / pi * wrap_c(n.l) + ks D G F /
     (4 n.v)]``, added into float64 as ``rgb_c * T_c``. Each light's term is the same
     expression whichever lights are rendered with it, so superposition is exact to float64
-    summation. Lights are the outer loop so the pixel loop runs over contiguous planes.
+    summation. Lights are the outer loop so the pixel loops run over contiguous planes.
     """
     f32 = np.float32
     m = nrm.shape[0]
     L = lp.shape[0]
     acc = np.zeros((3, m))
-    # light-independent planes
-    nx, ny, nz = nrm[:, 0].copy(), nrm[:, 1].copy(), nrm[:, 2].copy()
-    vx, vy, vz = v[:, 0].copy(), v[:, 1].copy(), v[:, 2].copy()
-    xx = x[:, 0].astype(np.float32)
-    xy = x[:, 1].astype(np.float32)
-    xz = x[:, 2].astype(np.float32)
-    albw = np.empty((3, m), np.float32)
-    wrap = np.empty((3, m), np.float32)
-    a2 = np.empty(m, np.float32)
-    f0 = np.empty(m, np.float32)
-    spec_pre = np.empty(m, np.float32)
+    P = np.empty((21, m), np.float32)
     ipi = f32(1 / np.pi)
     for i in range(m):
-        for c in range(3):
-            wrap[c, i] = mat[i, 6 + c]
-            albw[c, i] = (mat[i, c] * ipi) / (f32(1) + mat[i, 6 + c])
+        for k in range(3):
+            P[k, i] = nrm[i, k]
+            P[3 + k, i] = v[i, k]
+            P[6 + k, i] = np.float32(x[i, k])
+            P[9 + k, i] = (mat[i, k] * ipi) / (f32(1) + mat[i, 6 + k])
+            P[12 + k, i] = mat[i, 6 + k]
         al = mat[i, 3]
-        a2[i] = al * al
-        f0[i] = mat[i, 4]
+        a2 = al * al
+        P[15, i] = a2
+        P[16, i] = a2 - f32(1)
+        P[17, i] = f32(1) - a2
+        P[18, i] = mat[i, 4]
+        P[19, i] = f32(1) - mat[i, 4]
         nv = max(ndv[i], f32(1e-4))
-        g1v = f32(2) * nv / (nv + math.sqrt(a2[i] + (f32(1) - a2[i]) * nv * nv))
-        spec_pre[i] = mat[i, 5] * g1v / (f32(4) * nv) * ipi * a2[i] if ndv[i] > 0 else f32(0)
-    vw0, vw1, vw2, vw3 = vw[0] * f32(1 / 255), vw[1] * f32(1 / 255), vw[2] * f32(1 / 255), vw[3] * f32(1 / 255)
-    vi0, vi1, vi2, vi3 = vidx[0], vidx[1], vidx[2], vidx[3]
+        g1v = f32(2) * nv / (nv + np.sqrt(a2 + (f32(1) - a2) * nv * nv))
+        P[20, i] = mat[i, 5] * g1v / (f32(4) * nv) * ipi * a2 if ndv[i] > 0 else f32(0)
+    V = np.empty(m, np.float32)
+    T = np.empty((3, m), np.float32)
+    s255 = f32(1 / 255)
+    W4 = vw * s255
+    I4 = vidx.astype(np.int32)
     for j in range(L):
-        px, py, pz = lp[j, 0], lp[j, 1], lp[j, 2]
-        cr, cg, cb = rgb[j, 0], rgb[j, 1], rgb[j, 2]
-        for i in range(m):
-            if distant:
-                lx, ly, lz = px, py, pz
-                E = f32(1)
-            else:
-                lx, ly, lz = px - xx[i], py - xy[i], pz - xz[i]
-                inv = f32(1) / math.sqrt(lx * lx + ly * ly + lz * lz)
-                lx, ly, lz = lx * inv, ly * inv, lz * inv
-                E = inv * inv
-            if use_vis:
-                tab = vis[j]
-                E = E * (f32(tab[vi0[i]]) * vw0[i] + f32(tab[vi1[i]]) * vw1[i]
-                         + f32(tab[vi2[i]]) * vw2[i] + f32(tab[vi3[i]]) * vw3[i])
-            ndl = nx[i] * lx + ny[i] * ly + nz[i] * lz
-            hx, hy, hz = lx + vx[i], ly + vy[i], lz + vz[i]
-            h2 = hx * hx + hy * hy + hz * hz
-            ndh = nx[i] * hx + ny[i] * hy + nz[i] * hz
-            vdh = (vx[i] * hx + vy[i] * hy + vz[i] * hz) / math.sqrt(h2)
-            ndh2 = ndh * ndh / h2
-            den = ndh2 * (a2[i] - f32(1)) + f32(1)
-            den = den * den
-            mm = f32(1) - min(max(vdh, f32(0)), f32(1))
-            m2 = mm * mm
-            F = (f32(1) - f0[i]) * (mm * m2 * m2) + f0[i]
-            ndl_c = max(ndl, f32(0))
-            g1l = f32(2) * ndl_c / (ndl_c + math.sqrt(a2[i] + (f32(1) - a2[i]) * ndl_c * ndl_c)
-                                    + f32(1e-12))
-            spec = spec_pre[i] * g1l * F / den
-            tr = (max(ndl + wrap[0, i], f32(0)) * albw[0, i] + spec) * E
-            tg = (max(ndl + wrap[1, i], f32(0)) * albw[1, i] + spec) * E
-            tb = (max(ndl + wrap[2, i], f32(0)) * albw[2, i] + spec) * E
-            acc[0, i] += np.float64(cr * tr)
-            acc[1, i] += np.float64(cg * tg)
-            acc[2, i] += np.float64(cb * tb)
+        if use_vis:
+            tab = vis[j]
+            for i in range(m):
+                V[i] = (f32(tab[I4[0, i]]) * W4[0, i] + f32(tab[I4[1, i]]) * W4[1, i]
+                        + f32(tab[I4[2, i]]) * W4[2, i] + f32(tab[I4[3, i]]) * W4[3, i])
+        else:
+            V[:] = f32(1)
+        _light_terms(P, V, lp[j, 0], lp[j, 1], lp[j, 2], distant, T)
+        for c in range(3):
+            cc = np.float64(rgb[j, c])
+            for i in range(m):
+                acc[c, i] += cc * T[c, i]
     return acc
 
 

@@ -112,9 +112,10 @@ class StarSurface:
         converge only linearly). ``final_check=False`` skips the last evaluation and returns
         |f| *before* the last step (the error after it is far smaller).
         """
-        d = np.asarray(d, dtype=np.float64)
-        o = np.broadcast_to(np.asarray(o, dtype=np.float64), d.shape)
-        t = np.broadcast_to(np.asarray(t, dtype=np.float64), d.shape[:1])
+        d = np.ascontiguousarray(d, dtype=np.float64)
+        o = np.asarray(o, dtype=np.float64)
+        o = o.reshape(1, 3) if o.ndim == 1 else np.ascontiguousarray(np.broadcast_to(o, d.shape))
+        t = np.ascontiguousarray(np.broadcast_to(np.asarray(t, dtype=np.float64), d.shape[:1]))
         # compiled: the same maths as the docstring, one loop per ray (_kernels.star_newton)
         return _k.star_newton(o, d, t, self.centre, self.geo, self.R, self.cube.n, self.cube.p,
                               int(iterations), bool(final_check))
