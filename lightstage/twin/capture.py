@@ -29,6 +29,12 @@ a spawn-context process pool (LibRaw + fork can deadlock). Every task's noise co
 ``SeedSequence`` key and writes only its own files and its own store shards, so the output bytes
 depend on the seed only, never on the worker count. Nothing records wall-clock time. Frames
 are rendered one at a time, so memory stays bounded by one camera image per worker.
+
+Set-up is shared, not repeated per worker: the driver builds each subject's scene once (it
+needs its parameters anyway) and pickles it into a private scratch folder outside OUT, which
+workers load instead of rebuilding (a head takes seconds to build); rest-pose depth maps and
+shadow tables are computed by whichever worker needs them first and shared through the same
+folder (:meth:`lightstage.twin.render.StarScene.share_cache`). The folder is removed at the end.
 """
 
 from __future__ import annotations

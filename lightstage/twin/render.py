@@ -42,12 +42,15 @@ everywhere, so truth and images always agree):
   step (4 px) between coarse samples could be missed; the heads have none at the built-in
   rigs' resolutions.
 
-Performance (CPU time, one core, demo rig 512^2, ~77k head pixels, measured on the shared
-2-core machine): a posed frame's geometry ~0.3-0.4 s, shading ~4 ms per light (a 150-light
-tracking frame ~0.5 s, 40x a single-light frame's shading, 1.5x the frame's geometry), a
-shadow table ~60-90 ms per light. Geometry is cached per (camera, pose) (LRU) so several
-renders of one frame share it; images are processed in row blocks of ``BLOCK_PIXELS`` so a
-4096x2160 frame stays far below 2 GB.
+Performance. The per-pixel loops (ray marching, Newton, the moved-subject splat, G-buffers,
+shadow maps, shading) are compiled with numba (:mod:`lightstage.twin._kernels`; machine code
+cached on disk, so only a machine's first run compiles). CPU time on the shared 2-core
+development machine under load (best of several; demo rig 512^2, ~77k head pixels): a moved
+frame's geometry ~40 ms and its G-buffer ~15 ms, shading ~3 ms for one light and ~0.15 s for
+150 lights, a shadow table ~9 ms. Geometry is cached per (camera, pose) (LRU) so several renders
+of one frame share it; rest-pose depth maps and shadow tables can be shared between processes
+through a folder (:meth:`StarScene.share_cache`); large images are processed in row blocks of
+``BLOCK_PIXELS``, one block's G-buffer at a time, so a 4096x2160 frame stays far below 2 GB.
 
 References
 ----------
