@@ -262,7 +262,10 @@ def main(quick: bool = False) -> list[dict]:
         import dask
         from distributed import Client, LocalCluster
 
-        dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
+        from lightstage.ingest import LOCAL_CLUSTER_CONFIG
+
+        # the clusters ingest(workers=N) would start: spawned, 1 thread, no worker profiler
+        dask.config.set({"distributed.worker.multiprocessing-method": "spawn", **LOCAL_CLUSTER_CONFIG})
         times, all_times, cpu = {}, {}, {}
         load1 = os.getloadavg()[0]
         for nw in (1, 2):

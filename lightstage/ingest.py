@@ -101,6 +101,9 @@ __all__ = [
 ]
 
 DONE_TODO, DONE_WRITTEN, DONE_SKIPPED = 0, 1, 2
+#: Dask settings for the LocalCluster ``ingest(workers=N)`` starts (see ``_make_client``)
+LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False,
+                        "distributed.admin.system-monitor.gil.enabled": False}
 FLUSH_SECONDS = 3.0  # how often the driver persists done flags and checksums
 F16_MAX = 65504.0
 
@@ -870,8 +873,13 @@ def _make_client(workers: int, scheduler: str | None):
         client = Client(scheduler)
         return client, None
     # LibRaw + fork can deadlock (DESIGN.md): workers are spawned processes, one thread each
+    # (distributed's nanny also sets OMP/MKL/OpenBLAS threads to 1 in them; tasks set OpenCV's).
+    # The workers' statistical profiler (every 10 ms) and GIL monitor (every 1 ms) are
+    # dashboard diagnostics that take CPU from the work on a small machine: off for the
+    # cluster we start (an existing cluster keeps its own settings).
     dask.config.set({"distributed.worker.multiprocessing-method": "spawn",
                      "distributed.worker.daemon": False})
+    dask.config.set(LOCAL_CLUSTER_CONFIG)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                            dashboard_address=":0", silence_logs=40)
     return Client(cluster), cluster
