@@ -1094,10 +1094,9 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed
             return done_count
         from distributed import as_completed
 
-        try:
-            n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        except Exception:  # an exotic client: assume a few
-            n_workers = 4
+        # the cluster's size without an extra scheduler round trip: a LocalCluster we hold
+        # knows it; for an external scheduler assume a few workers
+        n_workers = len(getattr(getattr(client, "cluster", None), "workers", None) or {}) or 4
         # a few images per task: the scheduler and this process spend ~ms per task, which on
         # small images is a real share of the CPU the workers need (2 workers on 2 cores)
         per = max(1, min(8, -(-L // (2 * n_workers))))
