@@ -410,8 +410,13 @@ def _levenberg_marquardt(fun, jac, x0, robust: bool, max_iter: int = 60, tol: fl
             w = np.repeat(1 / np.sqrt(1 + s), 2)
         else:
             w = np.ones_like(f)
-        A = J.T @ (J * w[:, None])
-        g = J.T @ (w * f)
+        if hasattr(J, "toarray"):  # scipy.sparse: the normal equations are small and dense
+            Jt = J.T.tocsr()
+            A = (Jt @ J.multiply(w[:, None]).tocsc()).toarray()
+            g = Jt @ (w * f)
+        else:
+            A = J.T @ (J * w[:, None])
+            g = J.T @ (w * f)
         d = np.diag(A).copy()
         d[d <= 0] = 1.0
         improved = False
@@ -569,14 +574,19 @@ def calibrate_rig(pattern: PlanarPattern, detections: dict[str, dict[int, Detect
     n_par = len(x0)
 
     def jac(x):
-        J = np.zeros((2 * n_obs, n_par))
+        # sparse: a row depends on its camera's nC and its board pose's 6 parameters only
+        from scipy.sparse import csr_matrix
+
+        r_idx, c_idx, vals = [], [], []
         f0 = residuals(x)
         for k in range(nC):
             cols = np.arange(nCam) * nC + k
             h = 1e-7 * np.maximum(1.0, np.abs(x[cols]))
             xp = x.copy()
             xp[cols] += h
-            J[rows, cam_of_row * nC + k] = (residuals(xp) - f0) / h[cam_of_row]
+            r_idx.append(rows)
+            c_idx.append(cam_of_row * nC + k)
+            vals.append((residuals(xp) - f0) / h[cam_of_row])
         vr = view_of_row >= 0
         for k in range(6):
             cols = nCam * nC + np.arange(len(views)) * 6 + k
@@ -585,9 +595,11 @@ def calibrate_rig(pattern: PlanarPattern, detections: dict[str, dict[int, Detect
             h = 1e-7 * np.maximum(1.0, np.abs(x[cols]))
             xp = x.copy()
             xp[cols] += h
-            J[rows[vr], nCam * nC + view_of_row[vr] * 6 + k] = \
-                (residuals(xp) - f0)[vr] / h[view_of_row[vr]]
-        return J
+            r_idx.append(rows[vr])
+            c_idx.append(nCam * nC + view_of_row[vr] * 6 + k)
+            vals.append((residuals(xp) - f0)[vr] / h[view_of_row[vr]])
+        return csr_matrix((np.concatenate(vals), (np.concatenate(r_idx), np.concatenate(c_idx))),
+                          shape=(2 * n_obs, n_par))
 
     x = _levenberg_marquardt(residuals, jac, x0, robust, scale=loss_scale)
     intr, wR, wt, bR, bt = unpack(x)
