@@ -333,6 +333,25 @@ def _vig_cached(key: str, height: int, width: int) -> tuple[np.ndarray, np.ndarr
     return v, inv
 
 
+_CAM_CONTEXT: dict[int, tuple[_CamSpec, tuple, CameraCalibration]] = {}
+
+
+def _camera_context(cam: _CamSpec) -> tuple[tuple[np.ndarray, np.ndarray], CameraCalibration]:
+    """(vignetting map and reciprocal, calibration) of a camera, built once per camera object
+    (a worker deserialises the take's spec once; small images would otherwise spend a real
+    share of their time re-parsing the calibration per image)."""
+    hit = _CAM_CONTEXT.get(id(cam))
+    if hit is not None and hit[0] is cam:
+        return hit[1], hit[2]
+    c = cam.calib
+    vig = _vig_cached(json.dumps({"K": c["K"], "v": c["vignetting"]}), cam.height, cam.width)
+    cal = _calib_from(cam)
+    if len(_CAM_CONTEXT) > 256:
+        _CAM_CONTEXT.clear()
+    _CAM_CONTEXT[id(cam)] = (cam, vig, cal)
+    return vig, cal
+
+
 def _read_checked(path: str, sha: str | None, check: bool, margin: float | None) -> RawFrame:
     p = Path(path)
     if not p.exists():
@@ -371,8 +390,7 @@ def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
             raise RawError(f"{path}: no exposure time in the manifest or the file")
         raws.append(r)
         exps.append(t * g)
-    c = cam.calib
-    vig = _vig_cached(json.dumps({"K": c["K"], "v": c["vignetting"]}), cam.height, cam.width)
+    vig, cal = _camera_context(cam)
     if raws[0].cfa is not None:
         merged = merge_raw_snr([r.data for r in raws], [r.black_map for r in raws],
                                [r.white for r in raws], [r.saturated for r in raws], exps)
@@ -384,7 +402,6 @@ def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
         planes = [np.ascontiguousarray(merged.radiance[..., k]) for k in range(3)]
         valid = None if merged.valid.all() else merged.valid
     inv_vig = vig[1]
-    cal = _calib_from(cam)
     method = (cal.colour_method or "matrix-3x3").lower()
     g3 = np.ones(3, np.float64) if gain is None else np.asarray(gain, np.float64).reshape(3)
     if method in ("matrix-3x3", "matrix", "3x3"):
@@ -499,7 +516,7 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
     white = align.tone_white(lum)
     ref_u8 = align.tone_u8(lum, white)
     mask = (lum > spec.mask_threshold * white).astype(np.uint8) * 255
-    g["mask"][ci] = mask
+    write_image(g["mask"], (ci,), mask)
     ok = [0] * T
     sums = [0] * T
     failed = {b["frame"] for b in bad}
@@ -535,11 +552,11 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
             fvalid = np.full((H, W), 255, np.uint8)
         stored = _store_planes(planes, spec.dtype)
         write_image(g["tracking"], (ci, j), stored)
-        g["flow"][ci, j] = grid
+        write_image(g["flow"], (ci, j), grid)
         write_image(g["flow_valid"], (ci, j), fvalid)
         ok[j] = 1
         sums[j] = image_checksum(stored)
-    g["tracking_ok"][ci] = np.asarray(ok, np.uint8)  # this camera's own chunk
+    write_image(g["tracking_ok"], (ci,), np.asarray(ok, np.uint8))  # this camera's own chunk
     return {"camera": ci, "reference": ref, "bad": bad, "ok": ok, "checksums": sums}
 
 

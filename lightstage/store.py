@@ -34,6 +34,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -98,18 +99,25 @@ def default_tile(height: int, width: int) -> int:
     return 256 if min(height, width) >= 1024 else min(128, height, width)
 
 
-def provenance(**extra: Any) -> dict[str, Any]:
+@lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    """Installed versions of the packages that shape the stored bytes (read once per process:
+    importlib.metadata scans site-packages on every call)."""
     import importlib.metadata as md
 
-    versions = {}
+    versions = []
     for pkg in ("lightstage", "numpy", "zarr", "rawpy", "dask", "opencv-python", "colour-science", "torch"):
         try:
-            versions[pkg] = md.version(pkg)
+            versions.append((pkg, md.version(pkg)))
         except md.PackageNotFoundError:
             pass
+    return tuple(versions)
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
     return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions,
+        "versions": dict(_versions()),
         **extra,
     }
 
@@ -218,6 +226,7 @@ class ShardWriter:
     zarr, on purpose: an inner chunk is left out only when its *bytes* are all zero (zarr
     also drops chunks of ``-0.0``, which then read back as ``+0.0`` and break checksums).
 
+    Unsharded arrays are handled too (a whole chunk is encoded and written the same way).
     Use :meth:`supports` / :func:`write_image`, which falls back to ``array[index] = data``
     for any layout or store this writer does not handle (remote stores, other codecs, shards
     that are not whole images).
@@ -238,16 +247,20 @@ class ShardWriter:
         a = self.array
         if not isinstance(a.store, LocalStore) or a.metadata.zarr_format != 3 or a.store.read_only:
             return
-        codecs = a.metadata.to_dict()["codecs"]
-        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-            return
-        conf = codecs[0]["configuration"]
-        if conf.get("index_location", "end") != "end":
-            return
-        idx = [c["name"] for c in conf["index_codecs"]]
-        if idx != ["bytes", "crc32c"]:
-            return
-        inner = list(conf["codecs"])
+        codecs = list(a.metadata.to_dict()["codecs"])
+        grid = tuple(int(x) for x in a.metadata.chunk_grid.chunk_shape)
+        self.sharded = len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
+        if self.sharded:
+            conf = codecs[0]["configuration"]
+            if conf.get("index_location", "end") != "end":
+                return
+            idx = [c["name"] for c in conf["index_codecs"]]
+            if idx != ["bytes", "crc32c"]:
+                return
+            inner = list(conf["codecs"])
+            chunk = tuple(int(x) for x in conf["chunk_shape"])
+        else:  # a plain chunked array: one chunk is one "shard" without an index
+            inner, chunk = codecs, grid
         if not inner or inner[0]["name"] != "bytes":
             return
         if (inner[0].get("configuration") or {}).get("endian", "little") != "little":
@@ -271,8 +284,8 @@ class ShardWriter:
                 "blocksize": int(c.get("blocksize", 0)), "typesize": int(c["typesize"])})
         elif len(inner) != 1:
             return
-        self.chunk = tuple(int(x) for x in conf["chunk_shape"])
-        self.shard = tuple(int(x) for x in a.metadata.chunk_grid.chunk_shape)
+        self.chunk = chunk
+        self.shard = grid
         self.shape = tuple(a.shape)
         self.dtype = np.dtype(a.dtype)
         if self.dtype.byteorder == ">":
@@ -332,6 +345,8 @@ class ShardWriter:
             off += len(b)
         if not parts:
             return None
+        if not self.sharded:
+            return parts[0]
         ib = index.tobytes()
         crc = np.uint32(google_crc32c.value(ib)).tobytes()
         return b"".join(parts) + ib + crc

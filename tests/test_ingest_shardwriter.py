@@ -67,3 +67,15 @@ def test_falls_back_to_zarr_when_not_a_whole_shard(tmp_path):
     np.testing.assert_array_equal(back[:, 32:], 0)
     ro = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["s/t/olat"]
     assert not ShardWriter(ro).ok  # read-only: never written behind zarr's back
+
+
+def test_unsharded_chunks_same_bytes_as_zarr(tmp_path):
+    ga, gb = _pair(tmp_path, 40, 56)
+    mask = (np.arange(40 * 56).reshape(40, 56) % 7 == 0).astype(np.uint8) * 255
+    ga["mask"][1] = mask
+    write_image(gb["mask"], (1,), mask)
+    assert ShardWriter(gb["mask"]).supports((1,), mask.shape)
+    a = (tmp_path / "a.zarr" / "s" / "t" / "mask" / "c" / "1" / "0" / "0").read_bytes()
+    b = (tmp_path / "b.zarr" / "s" / "t" / "mask" / "c" / "1" / "0" / "0").read_bytes()
+    assert a == b
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["s/t/mask"][1], mask)
