@@ -214,8 +214,14 @@ def estimate_input_lighting(olats: np.ndarray, image: np.ndarray, mask: np.ndarr
     for c in range(3):
         A = olats[:, c, m].T.astype(np.float64)  # (P', L)
         b = image[m, c].astype(np.float64)
-        lam = math.sqrt(smooth) * np.linalg.norm(A) / math.sqrt(L)
-        W[:, c] = nnls(np.vstack([A, lam * D]), np.concatenate([b, np.zeros(L)]), maxiter=50 * L)[0]
+        lam2 = smooth * float((A * A).sum()) / L
+        # ||A w - b||^2 + lam2 ||D w||^2 = ||R w - y||^2 + const with R^T R = A^T A + lam2 D^T D and
+        # R^T y = A^T b: the same NNLS on an (L, L) system instead of (P' + L, L) -- 10-100x faster
+        H = A.T @ A + lam2 * (D.T @ D)
+        H += 1e-12 * np.trace(H) / L * np.eye(L)
+        R = np.linalg.cholesky(H).T
+        y = np.linalg.solve(R.T, A.T @ b)
+        W[:, c] = nnls(R, y, maxiter=50 * L)[0]
     return W
 
 
