@@ -286,6 +286,11 @@ def main(quick: bool = False) -> list[dict]:
                     assert rep.ok, rep.errors
                 k = int(np.argmin(ts))
                 times[nw], all_times[nw], cpu[nw] = ts[k], ts, cs[k]
+                # a LocalCluster's scheduler lives in this process: its CPU is the driver's
+                same = cli.run_on_scheduler(os.getpid) == os.getpid()
+                if same:
+                    cpu[nw]["scheduler"] = 0.0
+                cpu[nw]["scheduler_in_driver_process"] = same
         # load-independent view: CPU seconds for the same work. On 2 free cores one worker takes
         # ~its own CPU time (driver and scheduler use the other core); two workers share both
         # cores with the driver and scheduler: ~(all CPU) / 2. Their ratio is the speed-up a
