@@ -687,18 +687,21 @@ def star_march(o, d, t_start, t_end, max_steps, polish, near, relax0, c, geo, R,
 
 
 @_jit
-def plane_albedo(xy, Jinv, offs, K, Rc, origin, Rb, tb, size, tex):
+def plane_albedo(xy, Jinv, offs, K, Rc, origin, Rb, tb, size, idx, levels):
     """Supersampled albedo (h, w, 3) float64 of a textured plane over an image window.
 
     For each pixel of the window and each sub-pixel offset (dx, dy) in ``offs`` x ``offs``:
     the undistorted normalised coordinate is ``xy + Jinv @ (ddx, ddy)`` (first order in the
     offset, as ``targets._window_rays``), the world ray ``Rc (x, y, 1)`` normalised, its hit
     with the plane (board2world rotation Rb, origin tb; printed face only, inside
-    ``size``) and the texture (h_t, w_t, 3) sampled bilinearly with replicated borders at
-    texel centres. The mean over sub-samples is returned (misses count as 0).
+    ``size``) and the texture sampled bilinearly with replicated borders at texel centres.
+    The texture is an index image idx (h_t, w_t) into a palette ``levels`` (L, 3): a ChArUco
+    board has two grey levels, and 1 byte per texel instead of 12 keeps the texture in
+    cache (the lookups are memory-bound). The mean over sub-samples is returned (misses
+    count as 0).
     """
     h, w = xy.shape[0], xy.shape[1]
-    th, tw = tex.shape[0], tex.shape[1]
+    th, tw = idx.shape[0], idx.shape[1]
     out = np.zeros((h, w, 3))
     ns = offs.shape[0]
     z0, z1, z2 = Rb[0, 2], Rb[1, 2], Rb[2, 2]
@@ -749,9 +752,17 @@ def plane_albedo(xy, Jinv, offs, K, Rc, origin, Rb, tb, size, tex):
                     w01 = wx * (1 - wy)
                     w10 = (1 - wx) * wy
                     w11 = wx * wy
-                    a0 += w00 * tex[y0, x0, 0] + w01 * tex[y0, x1, 0] + w10 * tex[y1, x0, 0] + w11 * tex[y1, x1, 0]
-                    a1 += w00 * tex[y0, x0, 1] + w01 * tex[y0, x1, 1] + w10 * tex[y1, x0, 1] + w11 * tex[y1, x1, 1]
-                    a2 += w00 * tex[y0, x0, 2] + w01 * tex[y0, x1, 2] + w10 * tex[y1, x0, 2] + w11 * tex[y1, x1, 2]
+                    i00, i01 = idx[y0, x0], idx[y0, x1]
+                    i10, i11 = idx[y1, x0], idx[y1, x1]
+                    for ch in range(3):
+                        v = (w00 * levels[i00, ch] + w01 * levels[i01, ch] + w10 * levels[i10, ch]
+                             + w11 * levels[i11, ch])
+                        if ch == 0:
+                            a0 += v
+                        elif ch == 1:
+                            a1 += v
+                        else:
+                            a2 += v
             out[iy, ix, 0] = a0 * inv_n
             out[iy, ix, 1] = a1 * inv_n
             out[iy, ix, 2] = a2 * inv_n

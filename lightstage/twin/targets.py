@@ -199,6 +199,9 @@ def _compose(pose, obj2world):
 # ---- targets ---------------------------------------------------------------------------------
 
 
+_PALETTES: dict = {}  # id(texture) -> (texture, index image, palette)
+
+
 class PlanarTarget:
     """Lambertian textured plane.
 
@@ -216,6 +219,27 @@ class PlanarTarget:
         self.size = (float(size[0]), float(size[1]))
         self.board2world = np.asarray(board2world, dtype=np.float64)
         self.supersample = int(supersample)
+        self._palette = None
+
+    def _indexed(self):
+        """The texture as a uint8 index image and a palette (L, 3) float32, when it has at
+        most 256 distinct texels (a ChArUco board: 2); else a 32-bit index image. Exact."""
+        if self._palette is None:
+            # every board pose shares one texture array: index it once per process
+            hit = _PALETTES.get(id(self.texture))
+            if hit is None or hit[0] is not self.texture:
+                flat = self.texture.reshape(-1, 3)
+                rows = flat.view(np.dtype((np.void, 12))).ravel()
+                levels, inv = np.unique(rows, return_inverse=True)
+                levels = levels.view(np.float32).reshape(-1, 3)
+                dt = np.uint8 if len(levels) <= 256 else np.int32
+                if len(_PALETTES) > 8:
+                    _PALETTES.clear()
+                hit = (self.texture, inv.reshape(self.texture.shape[:2]).astype(dt),
+                       np.ascontiguousarray(levels))
+                _PALETTES[id(self.texture)] = hit  # holds the texture: its id stays unique
+            self._palette = hit[1:]
+        return self._palette
 
     def _hit(self, origin, d, b2w):
         R, t = b2w[:3, :3], b2w[:3, 3]
@@ -263,7 +287,7 @@ class PlanarTarget:
                            (np.arange(ss) + 0.5) / ss - 0.5, camera.K_array,
                            np.ascontiguousarray(c2w[:3, :3]), c2w[:3, 3].copy(),
                            np.ascontiguousarray(b2w[:3, :3]), b2w[:3, 3].copy(),
-                           np.asarray(self.size, np.float64), self.texture)
+                           np.asarray(self.size, np.float64), *self._indexed())
         # irradiance is smooth over the plane: evaluate it on a 65 x 65 grid in board
         # coordinates and interpolate at each pixel-centre hit (relative error ~1e-6)
         import cv2
