@@ -711,6 +711,57 @@ def plane_albedo(xy, Jinv, offs, K, Rc, origin, Rb, tb, size, idx, levels):
     inv_n = 1.0 / (ns * ns)
     for iy in range(h):
         for ix in range(w):
+            # a pixel whose whole footprint falls on texels of one level is that level: test
+            # the texel box spanned by its four extreme sub-samples (the plane's projective
+            # map keeps the others inside their convex hull)
+            uni = True
+            bx0, bx1, by0, by1 = tw, -1, th, -1
+            for ky in (0, ns - 1):
+                ddy = offs[ky] / K[1, 1]
+                for kx in (0, ns - 1):
+                    ddx = (offs[kx] - K[0, 1] * ddy) / K[0, 0]
+                    x = xy[iy, ix, 0] + Jinv[iy, ix, 0, 0] * ddx + Jinv[iy, ix, 0, 1] * ddy
+                    y = xy[iy, ix, 1] + Jinv[iy, ix, 1, 0] * ddx + Jinv[iy, ix, 1, 1] * ddy
+                    d0 = Rc[0, 0] * x + Rc[0, 1] * y + Rc[0, 2]
+                    d1 = Rc[1, 0] * x + Rc[1, 1] * y + Rc[1, 2]
+                    d2 = Rc[2, 0] * x + Rc[2, 1] * y + Rc[2, 2]
+                    dn = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+                    d0, d1, d2 = d0 / dn, d1 / dn, d2 / dn
+                    den = d0 * z0 + d1 * z1 + d2 * z2
+                    s = tz / den if den > 1e-9 else -1.0
+                    if not s > 0:
+                        uni = False
+                        break
+                    p0 = origin[0] + s * d0 - tb[0]
+                    p1 = origin[1] + s * d1 - tb[1]
+                    p2 = origin[2] + s * d2 - tb[2]
+                    lx = p0 * Rb[0, 0] + p1 * Rb[1, 0] + p2 * Rb[2, 0]
+                    ly = p0 * Rb[0, 1] + p1 * Rb[1, 1] + p2 * Rb[2, 1]
+                    if not (lx >= 0 and lx <= size[0] and ly >= 0 and ly <= size[1]):
+                        uni = False
+                        break
+                    fx = int(math.floor(lx * sx - 0.5))
+                    fy = int(math.floor(ly * sy - 0.5))
+                    bx0, bx1 = min(bx0, fx), max(bx1, fx + 1)
+                    by0, by1 = min(by0, fy), max(by1, fy + 1)
+                if not uni:
+                    break
+            if uni:
+                bx0, bx1 = min(max(bx0, 0), tw - 1), min(max(bx1, 0), tw - 1)
+                by0, by1 = min(max(by0, 0), th - 1), min(max(by1, 0), th - 1)
+                first = idx[by0, bx0]
+                for ty in range(by0, by1 + 1):
+                    for tx in range(bx0, bx1 + 1):
+                        if idx[ty, tx] != first:
+                            uni = False
+                            break
+                    if not uni:
+                        break
+            if uni:
+                out[iy, ix, 0] = levels[first, 0]
+                out[iy, ix, 1] = levels[first, 1]
+                out[iy, ix, 2] = levels[first, 2]
+                continue
             a0 = 0.0
             a1 = 0.0
             a2 = 0.0
