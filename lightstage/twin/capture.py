@@ -277,9 +277,9 @@ def _scene(subject_index: int):
                     scene = pickle.load(fh)
         if scene is None:
             scene = _W["factory"](subject_seed(_W["seed"], subject_index)).scene
-        if shared is not None and hasattr(scene, "share_cache"):
+        if shared is not None and _W.get("workers", 1) > 1 and hasattr(scene, "share_cache"):
             # rest-pose depth maps and shadow tables: computed once, by whichever worker
-            # needs them first, for every worker
+            # needs them first, for every worker (one process keeps its own in memory)
             scene.share_cache(Path(shared) / f"s{subject_index}")
         cache[subject_index] = scene
     return cache[subject_index]
@@ -572,7 +572,8 @@ def simulate(
 
     cache_dir = Path(tempfile.mkdtemp(prefix="ls-simulate-"))
     state = {"rig": rig, "out": out, "seed": int(seed), "noise": bool(noise),
-             "factory": factory, "calibration": cal_kwargs or {}, "cache_dir": str(cache_dir)}
+             "factory": factory, "calibration": cal_kwargs or {}, "cache_dir": str(cache_dir),
+             "workers": int(workers)}
     try:
         return _simulate(out, rig, subjects, seed, factory, state, cache_dir, frame_list,
                          n_frames, workers, progress, cal_kwargs, prov)
