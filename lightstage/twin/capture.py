@@ -441,16 +441,32 @@ def _run_task(task: tuple) -> tuple:
 # ---- driver -----------------------------------------------------------------------------------------
 
 
+def _warm(_: int) -> int:
+    """Import the renderer in a fresh worker while the driver builds the subjects."""
+    from . import _kernels, render, subject  # noqa: F401
+
+    return os.getpid()
+
+
+def _start_pool(state: dict, workers: int):
+    """The worker pool, started before the driver builds the subjects' scenes so the workers'
+    start-up (interpreter, imports) overlaps that serial work."""
+    ctx = get_context("spawn")  # LibRaw + fork can deadlock (DESIGN.md)
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(state,))
+    for k in range(workers):
+        ex.submit(_warm, k)
+    return ex
+
+
 def _run(tasks: list[tuple], state: dict, workers: int, on_result: Callable[[tuple], None],
-         plan: list | None = None) -> None:
+         plan: list | None = None, pool=None) -> None:
     if workers <= 1:
         _init_worker({**state, "plan": plan})
         for t in tasks:
             on_result(_run_task(t))
         return
-    ctx = get_context("spawn")  # LibRaw + fork can deadlock (DESIGN.md)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(state,)) as ex:
+    with pool if pool is not None else _start_pool(state, workers) as ex:
         pending = set()
         it = iter(tasks)
         window = 4 * workers  # bounded queue: the task list may be huge (lsx-331)
@@ -574,15 +590,18 @@ def simulate(
     state = {"rig": rig, "out": out, "seed": int(seed), "noise": bool(noise),
              "factory": factory, "calibration": cal_kwargs or {}, "cache_dir": str(cache_dir),
              "workers": int(workers)}
+    pool = _start_pool(state, workers) if workers > 1 else None
     try:
         return _simulate(out, rig, subjects, seed, factory, state, cache_dir, frame_list,
-                         n_frames, workers, progress, cal_kwargs, prov)
+                         n_frames, workers, progress, cal_kwargs, prov, pool)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # no-op after _run's own shutdown
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def _simulate(out, rig, subjects, seed, factory, state, cache_dir, frame_list, n_frames,
-              workers, progress, cal_kwargs, prov) -> Path:
+              workers, progress, cal_kwargs, prov, pool=None) -> Path:
     cal_truth = truth_calibration(rig, provenance=prov)
     tasks: list[tuple] = []
     results: dict[tuple, list] = {}
@@ -665,7 +684,7 @@ def _simulate(out, rig, subjects, seed, factory, state, cache_dir, frame_list, n
     if progress is not None:
         progress(0, total)
     # spawned workers rebuild the calibration plan (cheaper than pickling its textures)
-    _run(tasks, state, workers, on_result, plan=cal_shots or None)
+    _run(tasks, state, workers, on_result, plan=cal_shots or None, pool=pool)
 
     # manifests, done flags and calibration index, in a fixed order (bytes do not depend on
     # which worker finished first)
