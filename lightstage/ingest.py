@@ -1128,7 +1128,10 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed
         futs = [client.submit(camera_task, spec_f, ci, pure=False) for ci in todo_cams]
         futs += [client.submit(olat_batch_task, spec_f, ci, lis, pure=False)
                  for ci, lis in batches(ready)]
-        ac = as_completed(futs, with_results=True)
+        # as_completed tracks futures on default_client()'s loop unless told: with another
+        # Client already open in this process (a notebook's, a benchmark's) that is a different
+        # IO-loop thread, and the cross-thread race loses completions (hangs, tornado asserts)
+        ac = as_completed(futs, with_results=True, loop=client.loop)
         last = time.monotonic()
         for fut, res in ac:
             if isinstance(res, dict) and "reference" in res:
