@@ -108,9 +108,9 @@ def star_f_lloc(rel, R, lloc, n, p):
 
 
 @nb.njit(cache=True, nogil=True)
-def _newton1(ox, oy, oz, dx, dy, dz, t, c, geo, R, n, p, iterations):
-    """One ray's Newton + secant refinement (the maths of StarSurface.newton); returns
-    (t, f before the last step)."""
+def _newton_first(ox, oy, oz, dx, dy, dz, t, c, geo, n, p):
+    """The first (analytic-derivative) Newton step of one ray from t: returns (f at t, the
+    stepped t). Shared by the single-ray and lockstep-batch refinements."""
     rx = ox + dx * t - c[0]
     ry = oy + dy * t - c[1]
     rz = oz + dz * t - c[2]
@@ -126,8 +126,16 @@ def _newton1(ox, oy, oz, dx, dy, dz, t, c, geo, R, n, p, iterations):
     dfdt = (dx * rx + dy * ry + dz * rz) / rho - (g0 / rho) * (dx * g1 + dy * g2 + dz * g3)
     if abs(dfdt) < 0.05:  # a tangent ray: damp instead of flying off
         dfdt = 0.05 if dfdt >= 0 else -0.05
+    return f, t - f / dfdt
+
+
+@nb.njit(cache=True, nogil=True)
+def _newton1(ox, oy, oz, dx, dy, dz, t, c, geo, R, n, p, iterations):
+    """One ray's Newton + secant refinement (the maths of StarSurface.newton); returns
+    (t, f before the last step)."""
+    f, t_new = _newton_first(ox, oy, oz, dx, dy, dz, t, c, geo, n, p)
     t_prev, f_prev = t, f
-    t = t - f / dfdt
+    t = t_new
     for _ in range(1, iterations):
         f = _f_at(ox, oy, oz, dx, dy, dz, t, c, R, n, p)
         den = f - f_prev
@@ -156,24 +164,10 @@ def _newton_batch(o, d, t0, c, geo, R, n, p, iterations, t_out, err_out, final_c
             ox, oy, oz = o[oi, 0], o[oi, 1], o[oi, 2]
             dx, dy, dz = d[i, 0], d[i, 1], d[i, 2]
             t = t0[i]
-            rx = ox + dx * t - c[0]
-            ry = oy + dy * t - c[1]
-            rz = oz + dz * t - c[2]
-            rho = math.sqrt(rx * rx + ry * ry + rz * rz)
-            b, wu, wv = _lookup(rx, ry, rz, n, p)
-            w00, w01, w10, w11 = (1 - wu) * (1 - wv), wu * (1 - wv), (1 - wu) * wv, wu * wv
-            q0, q1, q2, q3 = b, b + 1, b + p, b + p + 1
-            g0 = w00 * geo[q0, 0] + w01 * geo[q1, 0] + w10 * geo[q2, 0] + w11 * geo[q3, 0]
-            g1 = w00 * geo[q0, 1] + w01 * geo[q1, 1] + w10 * geo[q2, 1] + w11 * geo[q3, 1]
-            g2 = w00 * geo[q0, 2] + w01 * geo[q1, 2] + w10 * geo[q2, 2] + w11 * geo[q3, 2]
-            g3 = w00 * geo[q0, 3] + w01 * geo[q1, 3] + w10 * geo[q2, 3] + w11 * geo[q3, 3]
-            f = rho - g0
-            dfdt = (dx * rx + dy * ry + dz * rz) / rho - (g0 / rho) * (dx * g1 + dy * g2 + dz * g3)
-            if abs(dfdt) < 0.05:  # a tangent ray: damp instead of flying off
-                dfdt = 0.05 if dfdt >= 0 else -0.05
+            f, tn = _newton_first(ox, oy, oz, dx, dy, dz, t, c, geo, n, p)
+            tb[k] = tn
             tp[k] = t
             fp[k] = f
-            tb[k] = t - f / dfdt
         for _ in range(1, iterations):
             for k in range(nb_):
                 i = s0 + k
