@@ -56,6 +56,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lightstage.rig import fibonacci_sphere
+
 __all__ = ["BUNDLE_FORMAT", "DEFAULT_BUNDLE", "BundleError", "BundleConfig", "Bundle", "fibonacci_lights",
            "TEMPLATE_POSES", "twin_pose_observations", "pose_errors_deg", "fit_twin_landmark_template", "twin_camera", "label_rays", "twin_olats", "build_bundle", "load_bundle", "main"]
 
@@ -118,12 +120,8 @@ class BundleConfig:
 
 
 def fibonacci_lights(n: int) -> np.ndarray:
-    """(n, 3) unit directions spread evenly on the sphere (y up)."""
-    i = np.arange(n) + 0.5
-    y = 1 - 2 * i / n
-    r = np.sqrt(np.clip(1 - y * y, 0, None))
-    phi = i * math.pi * (3 - math.sqrt(5))
-    return np.stack([r * np.sin(phi), y, r * np.cos(phi)], axis=1)
+    """(n, 3) unit directions spread evenly on the sphere (y up): the rig's Fibonacci sphere."""
+    return fibonacci_sphere(n)
 
 
 def twin_camera(label: np.ndarray, scene, res: int):

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lightstage.camera import EG3D_FOCAL, eg3d_label
+from lightstage.rig import fibonacci_sphere
 
 __all__ = [
     "DatasetError",
@@ -77,14 +78,6 @@ class TwinDatasetConfig:
     exposure_ev: float = 0.0
 
 
-def _fibonacci(n: int) -> np.ndarray:
-    i = np.arange(n) + 0.5
-    y = 1 - 2 * i / n
-    r = np.sqrt(np.clip(1 - y * y, 0, None))
-    phi = i * math.pi * (3 - math.sqrt(5))
-    return np.stack([r * np.sin(phi), y, r * np.cos(phi)], axis=1)
-
-
 def random_environment(rng: np.random.Generator, n_dirs: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """A random smooth environment as distant lights.
 
@@ -93,7 +86,7 @@ def random_environment(rng: np.random.Generator, n_dirs: int = 32) -> tuple[np.n
     The radiance is an ambient sky gradient plus a key lobe (front hemisphere, random colour
     temperature) and a weaker fill lobe; overall level varies by about ±1 stop.
     """
-    d = _fibonacci(n_dirs)
+    d = fibonacci_sphere(n_dirs)
 
     def lobe(axis, sharp):
         return np.exp(sharp * (d @ axis - 1.0))
