@@ -622,9 +622,16 @@ def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
     return {"camera": ci, "light": li, "checksum": image_checksum(stored, vmask)}
 
 
-def olat_batch_task(spec: _TakeSpec, ci: int, lights: list[int]) -> list[dict[str, Any]]:
+def olat_batch_task(spec: _TakeSpec, ci: int, lights: list[int],
+                    tracking: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Several OLAT images of one camera in one task (:func:`olat_task` each): fewer tasks
-    for the scheduler, and consecutive lights share their tracking flows in the cache."""
+    for the scheduler, and consecutive lights share their tracking flows in the cache.
+
+    ``tracking`` is the camera's :func:`camera_task` result when this run computes it (the
+    dependency that orders the two on a cluster); when its tracking phase found no decodable
+    frame there is nothing to align with, which the driver reports once for the camera."""
+    if tracking is not None and tracking.get("reference") is None:
+        return []
     return [olat_task(spec, ci, li) for li in lights]
 
 
@@ -1111,9 +1118,14 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed
             return done_count
         from distributed import as_completed
 
-        # the cluster's size without an extra scheduler round trip: a LocalCluster we hold
-        # knows it; for an external scheduler assume a few workers
-        n_workers = len(getattr(getattr(client, "cluster", None), "workers", None) or {}) or 4
+        # the cluster's size: a LocalCluster we hold knows it; else one scheduler round trip
+        n_workers = len(getattr(getattr(client, "cluster", None), "workers", None) or {})
+        if not n_workers:
+            try:
+                n_workers = len(client.scheduler_info().get("workers", {}))
+            except Exception:  # an old or unusual scheduler: assume a few workers
+                n_workers = 0
+        n_workers = n_workers or 4
         # a few images per task: the scheduler and this process spend ~ms per task, which on
         # small images is a real share of the CPU the workers need (2 workers on 2 cores)
         per = max(1, min(8, -(-L // (2 * n_workers))))
@@ -1125,21 +1137,35 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed
             return [(ci, lis[k:k + per]) for ci, lis in by_cam.items() for k in range(0, len(lis), per)]
 
         spec_f = client.scatter(spec, broadcast=True)
-        futs = [client.submit(camera_task, spec_f, ci, pure=False) for ci in todo_cams]
-        futs += [client.submit(olat_batch_task, spec_f, ci, lis, pure=False)
-                 for ci, lis in batches(ready)]
+        # Every task goes to the scheduler at once, each camera's OLAT batches depending on its
+        # tracking task: one graph update instead of one per camera result, and no driver
+        # round trip between a camera's tracking phase and its OLATs. Results are gathered a
+        # batch of finished futures at a time. (On 2 cores the driver's and scheduler's CPU per
+        # task is taken from the workers: it is what limits 2-vs-1 worker scaling.)
+        cam_f = {ci: client.submit(camera_task, spec_f, ci, pure=False) for ci in todo_cams}
+        todo = batches([(ci, li) for ci in range(C) for li in range(L) if done[ci, li] != DONE_WRITTEN])
+        submitted = {(ci, li) for ci, lis in todo for li in lis}
+        futs = list(cam_f.values())
+        if todo:
+            futs += client.map(olat_batch_task, [spec_f] * len(todo), [b[0] for b in todo],
+                               [b[1] for b in todo], [cam_f.get(b[0]) for b in todo], pure=False)
         # as_completed tracks futures on default_client()'s loop unless told: with another
         # Client already open in this process (a notebook's, a benchmark's) that is a different
         # IO-loop thread, and the cross-thread race loses completions (hangs, tornado asserts)
-        ac = as_completed(futs, with_results=True, loop=client.loop)
+        ac = as_completed(futs, loop=client.loop)
         last = time.monotonic()
-        for fut, res in ac:
-            if isinstance(res, dict) and "reference" in res:
-                for ci, lis in batches(handle_cam(res)):
-                    ac.add(client.submit(olat_batch_task, spec_f, ci, lis, pure=False))
-            else:
-                for r in res:
-                    handle_olat(r)
+        for fin in ac.batches():
+            for res in client.gather(fin):
+                if isinstance(res, dict) and "reference" in res:
+                    # OLATs written by an interrupted run whose tracking frames have changed
+                    # since must be redone: the only ones not already submitted
+                    again = [(ci, li) for ci, li in handle_cam(res) if (ci, li) not in submitted]
+                    submitted.update(again)
+                    for ci, lis in batches(again):
+                        ac.add(client.submit(olat_batch_task, spec_f, ci, lis, pure=False))
+                else:
+                    for r in res:
+                        handle_olat(r)
             if time.monotonic() - last > FLUSH_SECONDS:
                 flush()
                 last = time.monotonic()
