@@ -35,6 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .cfa import CFAError, parse_cfa
+
 __all__ = [
     "DNGError",
     "DNGMetadata",
@@ -173,15 +175,18 @@ class _IFD:
 
 
 def _validate(cfa: np.ndarray, meta: DNGMetadata) -> np.ndarray:
-    if cfa.ndim != 2:
-        raise DNGError(f"CFA mosaic must be 2-D (H, W), got shape {cfa.shape}")
+    if not (cfa.ndim == 2 or (cfa.ndim == 3 and cfa.shape[2] == 3)):
+        raise DNGError(f"CFA mosaic must be 2-D (H, W) (or (H, W, 3) for a linear DNG), "
+                       f"got shape {cfa.shape}")
     if cfa.dtype != np.uint16:
         if not np.issubdtype(cfa.dtype, np.integer) or cfa.min(initial=0) < 0 or cfa.max(initial=0) > 65535:
             raise DNGError(f"CFA mosaic must be uint16 (or integers in 0..65535), got {cfa.dtype}")
         cfa = cfa.astype(np.uint16)
-    pat = meta.cfa_pattern.upper()
-    if len(pat) != 4 or any(c not in CFA_COLOURS for c in pat):
-        raise DNGError(f"cfa_pattern must be 4 letters of R, G, B (e.g. 'RGGB'), got {meta.cfa_pattern!r}")
+    if cfa.ndim == 2:
+        try:
+            parse_cfa(meta.cfa_pattern)
+        except CFAError as e:
+            raise DNGError(f"cfa_pattern: {e}") from None
     if not 0 <= meta.black_level < meta.white_level <= 65535:
         raise DNGError(f"need 0 <= black_level < white_level <= 65535, got {meta.black_level}, {meta.white_level}")
     for name in ("exposure_time", "f_number"):
@@ -195,33 +200,38 @@ def _validate(cfa: np.ndarray, meta: DNGMetadata) -> np.ndarray:
 
 def _layout(cfa: np.ndarray, meta: DNGMetadata) -> tuple[bytes, np.ndarray]:
     """Header + IFDs (bytes) and the pixel array to append after them."""
-    H, W = cfa.shape
+    H, W = cfa.shape[:2]
+    spp = 1 if cfa.ndim == 2 else 3  # (H, W, 3): a demosaiced "linear DNG"
     ifd0, exif = _IFD(), _IFD()
     ifd0.add(254, _LONG, 0)  # NewSubfileType: main image
     ifd0.add(256, _LONG, W)
     ifd0.add(257, _LONG, H)
-    ifd0.add(258, _SHORT, 16)
+    ifd0.add(258, _SHORT, (16,) * spp)
     ifd0.add(259, _SHORT, 1)  # uncompressed: fastest to write, LibRaw reads it directly
-    ifd0.add(262, _SHORT, 32803)  # PhotometricInterpretation: CFA
+    # PhotometricInterpretation: CFA, or LinearRaw (34892) for already demosaiced RGB
+    ifd0.add(262, _SHORT, 32803 if spp == 1 else 34892)
     ifd0.add(271, _ASCII, meta.make)
     ifd0.add(272, _ASCII, meta.model)
     ifd0.add(273, _LONG, 0)  # StripOffsets: patched below
     ifd0.add(274, _SHORT, meta.orientation)
-    ifd0.add(277, _SHORT, 1)
+    ifd0.add(277, _SHORT, spp)
     ifd0.add(278, _LONG, H)
-    ifd0.add(279, _LONG, H * W * 2)
+    ifd0.add(279, _LONG, H * W * 2 * spp)
     ifd0.add(284, _SHORT, 1)
     ifd0.add(305, _ASCII, "lightstage")
-    ifd0.add(33421, _SHORT, (2, 2))
-    ifd0.add(33422, _BYTE, [CFA_COLOURS[c] for c in meta.cfa_pattern.upper()])
+    if spp == 1:
+        pattern = parse_cfa(meta.cfa_pattern)  # 2x2 Bayer, 6x6 X-Trans, ...
+        ifd0.add(33421, _SHORT, pattern.shape)  # CFARepeatPatternDim: rows, columns
+        ifd0.add(33422, _BYTE, pattern.reshape(-1))  # CFAPattern: row-major 0 R, 1 G, 2 B
     ifd0.add(34665, _LONG, 0)  # ExifIFD: patched below
     ifd0.add(50706, _BYTE, (1, 4, 0, 0))
     ifd0.add(50707, _BYTE, (1, 1, 0, 0))
     ifd0.add(50708, _ASCII, meta.unique_camera_model or f"{meta.make} {meta.model}")
-    ifd0.add(50710, _BYTE, (0, 1, 2))  # CFAPlaneColor
-    ifd0.add(50711, _SHORT, 1)  # CFALayout: rectangular
+    if spp == 1:
+        ifd0.add(50710, _BYTE, (0, 1, 2))  # CFAPlaneColor
+        ifd0.add(50711, _SHORT, 1)  # CFALayout: rectangular
     ifd0.add(50713, _SHORT, (1, 1))  # BlackLevelRepeatDim
-    ifd0.add(50714, _LONG, int(meta.black_level))
+    ifd0.add(50714, _LONG, [int(meta.black_level)] * spp)  # one per sample
     ifd0.add(50717, _LONG, int(meta.white_level))
     if meta.colour_matrix1 is not None:
         cm = np.asarray(meta.colour_matrix1, dtype=np.float64)

@@ -15,9 +15,24 @@ input, and quantising a merged HDR mosaic to 16 bits would throw away its dynami
 normalised convolution gives the same interior result as OpenCV's bilinear demosaic and exact
 values at the borders for flat colour.
 
-Non-Bayer sensors (X-Trans, Foveon, linear DNG) fall back to LibRaw's own demosaic with linear
-settings (gamma 1, no auto-brightness, unit white balance, camera colour space, no
-``adjust_maximum``): see DESIGN.md, "Known traps".
+Any other periodic three-colour CFA (Fujifilm's 6x6 X-Trans, CFAs of up to 8x8 photosites;
+spelling in :mod:`lightstage.cfa`) takes the same road: normalised mosaic, exact per-photosite
+saturation, HDR merge on the mosaic, then :func:`demosaic_planes`, which generalises the bilinear
+normalised convolution. Each colour is interpolated with the separable tent
+``[1, 2, 1] x [1, 2, 1]`` (the bilinear kernel) normalised by the same tent applied to that
+colour's mask, ``sum(w m) / sum(w)``, measured photosites keeping their value. Every 3x3
+window of X-Trans holds all three colours, so the interior support stays 3x3 (the bilinear
+saturation rule of :func:`saturation_rgb` holds unchanged); the few border pixels whose window,
+clipped at the image edge, lacks a colour widen to the tent of radius 2, 3, ... (out-of-image
+photosites are ignored rather than mirrored, as mirroring breaks a 6x6 pattern's phase). For a
+2x2 Bayer CFA this is exactly the bilinear demosaic, which keeps its own faster code path.
+
+An "already demosaiced" raw (linear DNG: three samples per pixel) is normalised per channel
+directly, with no demosaic. Only what is neither (four-colour CFAs, periods above 8, ...) falls
+back to LibRaw's own demosaic with linear settings (gamma 1, no auto-brightness, unit white
+balance, camera colour space, no ``adjust_maximum``, LibRaw's linear interpolation): see
+DESIGN.md, "Known traps". LibRaw's default X-Trans demosaic refuses images under 512 pixels on
+a side ("Input/output error"), one more reason not to depend on it.
 
 References
 ----------
@@ -25,6 +40,10 @@ LibRaw API notes (rawpy): ``raw_image_visible`` is a view into LibRaw's buffer: 
 closing the file.
 Malvar, H., He, L., Cutler, R. (2004). High-quality linear interpolation for demosaicing of
 Bayer-patterned color images (bilinear baseline, section 2).
+Knutsson, H., Westin, C.-F. (1993). Normalized and differential convolution. CVPR 1993
+(normalised convolution of sparse samples with an applicability function).
+Fujifilm X-Trans CFA (6x6 period) and DNG 1.4 CFARepeatPatternDim / CFAPattern: see
+:mod:`lightstage.cfa`.
 """
 
 from __future__ import annotations
@@ -35,6 +54,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .cfa import BAYER_PATTERNS, MAX_PERIOD, CFAError, cfa_index_map, cfa_string, parse_cfa
 
 __all__ = [
     "RawError",
@@ -48,7 +69,7 @@ __all__ = [
     "mosaic_from_rgb",
 ]
 
-_CFA = ("RGGB", "BGGR", "GRBG", "GBRG")
+_CFA = BAYER_PATTERNS
 
 
 class RawError(ValueError):
@@ -67,7 +88,9 @@ class RawFrame:
     saturated : ndarray
         bool, same spatial shape as ``data`` (``(H, W)``): photosite (or pixel) at the white level.
     cfa : str or None
-        Bayer pattern of the top-left 2x2 (``"RGGB"`` ...), None when ``data`` is RGB.
+        CFA pattern from the top-left photosite (:mod:`lightstage.cfa` spelling: ``"RGGB"`` ...
+        for Bayer, rows separated by ``/`` for X-Trans and other periods), None when ``data``
+        is RGB.
     exposure : float
         Exposure time in seconds (from the file; 0 when the file does not say).
     iso : float
@@ -96,14 +119,15 @@ class RawFrame:
 
 
 def cfa_masks(cfa: str, height: int, width: int) -> np.ndarray:
-    """``(3, H, W)`` float32 0/1 masks of the R, G and B photosites of a Bayer pattern."""
-    if cfa not in _CFA:
-        raise RawError(f"unsupported CFA pattern {cfa!r} (expected one of {_CFA})")
-    m = np.zeros((3, height, width), np.float32)
-    idx = {"R": 0, "G": 1, "B": 2}
-    for k, ch in enumerate(cfa):
-        dy, dx = divmod(k, 2)
-        m[idx[ch], dy::2, dx::2] = 1.0
+    """``(3, H, W)`` float32 0/1 masks of the R, G and B photosites of a CFA pattern (Bayer
+    ``"RGGB"`` ..., X-Trans or any periodic pattern in :mod:`lightstage.cfa` spelling)."""
+    try:
+        idx = cfa_index_map(cfa, height, width)
+    except CFAError as e:
+        raise RawError(f"unsupported CFA pattern: {e}") from None
+    m = np.empty((3, height, width), np.float32)
+    for c in range(3):
+        np.equal(idx, c, out=m[c], casting="unsafe")
     return m
 
 
@@ -133,12 +157,21 @@ def normalise_mosaic(raw: np.ndarray, black: np.ndarray | float, white: float,
     return value, raw >= (white - margin)
 
 
-def _bayer_string(pattern: np.ndarray, desc: str) -> str | None:
-    if pattern is None or pattern.shape != (2, 2):
+def _cfa_string(pattern: np.ndarray, desc: str) -> str | None:
+    """LibRaw's ``raw_pattern`` (indices into ``color_desc``) -> our CFA spelling, or None when
+    it is not a three-colour R/G/B pattern of period <= 8 (then LibRaw demosaics)."""
+    if pattern is None or pattern.ndim != 2 or max(pattern.shape) > MAX_PERIOD:
         return None
-    s = "".join(desc[int(i)] for i in pattern.reshape(-1))
-    s = s.replace("g", "G")
-    return s if s in _CFA else None
+    try:
+        letters = np.array([desc[int(i)] for i in pattern.reshape(-1)])
+    except IndexError:
+        return None
+    letters = np.char.upper(letters)  # LibRaw may name the second green "g"
+    lut = {"R": 0, "G": 1, "B": 2}
+    if not set(letters.tolist()) <= set(lut) or len(set(letters.tolist())) != 3:
+        return None
+    idx = np.array([lut[ch] for ch in letters], np.uint8).reshape(pattern.shape)
+    return cfa_string(idx)
 
 
 def read_raw(path: str | Path, margin: float | None = None, normalise: bool = True) -> RawFrame:
@@ -169,22 +202,30 @@ def read_raw(path: str | Path, margin: float | None = None, normalise: bool = Tr
         try:
             mosaic = raw.raw_image_visible.copy()  # a view into LibRaw memory: copy before close
             blacks = np.asarray(raw.black_level_per_channel, np.float32)
+            pattern = raw.raw_pattern
+        except Exception as e:
+            raise RawError(f"{path}: raw data unreadable ({type(e).__name__}: {e})") from None
+        white = float(raw.white_level)
+        desc = raw.color_desc.decode("ascii", "replace")
+        other = raw.other if hasattr(raw, "other") else None
+        exposure = float(getattr(other, "shutter_speed", 0.0) or 0.0) if other else 0.0
+        iso = float(getattr(other, "iso_speed", 0.0) or 0.0) if other else 0.0
+        if mosaic.ndim == 3 and pattern is None and int(raw.num_colors) == 3 \
+                and mosaic.shape[2] >= 3:
+            # already demosaiced (linear DNG): per-channel normalisation, nothing to
+            # interpolate (LibRaw's postprocess would scale by the white level alone here)
+            return _linear_rgb(mosaic[..., :3], blacks[:3], white, margin, path, exposure, iso)
+        cfa = _cfa_string(np.asarray(pattern) if pattern is not None else None, desc)
+        if mosaic.ndim != 2 or cfa is None:
+            rgb, sat = _postprocess_linear(raw, path)
+            return RawFrame(rgb, sat, None, exposure, iso, float(blacks.mean()), white, str(path),
+                            black_map=0.0)
+        try:
             # the per-photosite colour map is only needed when the channels' black levels
             # differ (rawpy builds it with a np.pad per call: not free)
             colors = raw.raw_colors_visible.copy() if np.ptp(blacks) > 0 else None
         except Exception as e:
             raise RawError(f"{path}: raw data unreadable ({type(e).__name__}: {e})") from None
-        white = float(raw.white_level)
-        desc = raw.color_desc.decode("ascii", "replace")
-        pattern = raw.raw_pattern
-        other = raw.other if hasattr(raw, "other") else None
-        exposure = float(getattr(other, "shutter_speed", 0.0) or 0.0) if other else 0.0
-        iso = float(getattr(other, "iso_speed", 0.0) or 0.0) if other else 0.0
-        cfa = _bayer_string(np.asarray(pattern) if pattern is not None else None, desc)
-        if mosaic.ndim != 2 or cfa is None:
-            rgb, sat = _postprocess_linear(raw, path)
-            return RawFrame(rgb, sat, None, exposure, iso, float(blacks.mean()), white, str(path),
-                            black_map=0.0)
     finally:
         raw.close()
     if white <= blacks.max():
@@ -201,8 +242,23 @@ def read_raw(path: str | Path, margin: float | None = None, normalise: bool = Tr
                     black_map=black_map)
 
 
+def _linear_rgb(rgb: np.ndarray, blacks: np.ndarray, white: float, margin: float | None,
+                path: Path, exposure: float, iso: float) -> RawFrame:
+    """A three-sample-per-pixel raw (linear DNG) normalised per channel, like a mosaic."""
+    if white <= blacks.max():
+        raise RawError(f"{path}: white level {white} not above black level {blacks.max()}")
+    if margin is None:
+        margin = max(1.0, 0.005 * (white - float(blacks.max())))
+    value, sat = normalise_mosaic(rgb, blacks[None, None, :], white, margin)
+    return RawFrame(value, sat.any(axis=-1), None, exposure, iso, float(blacks.mean()), white,
+                    str(path), black_map=0.0)
+
+
 def _postprocess_linear(raw, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """LibRaw demosaic with every non-linear step off; returns normalised camera RGB in [0, 1]."""
+    """LibRaw demosaic with every non-linear step off; returns normalised camera RGB in [0, 1].
+
+    LibRaw's own linear interpolation is asked for: it is linear in the data like ours, and
+    unlike its default X-Trans demosaic it accepts images under 512 pixels on a side."""
     import rawpy
 
     try:
@@ -210,6 +266,7 @@ def _postprocess_linear(raw, path: Path) -> tuple[np.ndarray, np.ndarray]:
             gamma=(1, 1), no_auto_bright=True, output_bps=16, adjust_maximum_thr=0.0,
             user_wb=[1.0, 1.0, 1.0, 1.0], user_flip=0, output_color=rawpy.ColorSpace.raw,
             use_camera_wb=False, use_auto_wb=False,
+            demosaic_algorithm=rawpy.DemosaicAlgorithm.LINEAR,
         )
     except Exception as e:
         raise RawError(f"{path}: LibRaw demosaic failed ({type(e).__name__}: {e})") from None
@@ -237,16 +294,147 @@ def _cfa_masks_cached(cfa: str, height: int, width: int) -> np.ndarray:
     return m
 
 
+# ---- any periodic CFA (X-Trans ...) ---------------------------------------------------------
+
+
+def _tent(r: int) -> np.ndarray:
+    """Separable tent of radius ``r`` (``r = 1``: the bilinear ``[1, 2, 1] x [1, 2, 1]``)."""
+    t = np.array([r + 1 - abs(d) for d in range(-r, r + 1)], np.float32)
+    return np.outer(t, t)
+
+
+def _conv0(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Correlation with ``k``, photosites outside the image counted as absent (zero)."""
+    return cv2.filter2D(x, cv2.CV_32F, k, borderType=cv2.BORDER_CONSTANT)
+
+
+@dataclass(frozen=True)
+class _Fallback:
+    """Border pixels of one colour whose radius-``r0`` window holds none of that colour: they
+    use the tent of radius ``r``, computed on one image-edge strip only."""
+
+    radius: int
+    out: tuple  # slices of the output strip
+    src: tuple  # slices of the input the strip's windows reach
+    crop: tuple  # the strip within ``src``
+    inv: np.ndarray  # 1 / denominator at the strip's pixels that use this radius, else 0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    masks: np.ndarray  # (3, H, W) float32 0/1
+    kernels: tuple  # per colour: the interior tent
+    inv: np.ndarray  # (3, H, W) float32: 1 / denominator where the interior tent is used, else 0
+    fallbacks: tuple  # per colour: tuple of _Fallback
+    radius: int  # the largest interior radius (saturation support)
+
+
+def _interior_radius(mask_period: np.ndarray) -> int:
+    """Smallest tent radius whose window holds the colour at every phase of the (infinite)
+    periodic pattern."""
+    n, m = mask_period.shape
+    reps = 2 * (-(-MAX_PERIOD // min(n, m))) + 1
+    tiled = np.tile(mask_period.astype(np.float32), (reps, reps))
+    y0, x0 = (reps // 2) * n, (reps // 2) * m
+    for r in range(1, MAX_PERIOD + 1):
+        den = _conv0(tiled, _tent(r))[y0:y0 + n, x0:x0 + m]
+        if (den > 0).all():
+            return r
+    raise RawError(f"CFA period {n}x{m}: a colour is missing from some "
+                   f"{2 * MAX_PERIOD + 1}-photosite window")
+
+
+@lru_cache(maxsize=4)
+def _periodic_plan(cfa: str, H: int, W: int) -> _Plan:
+    """Masks, kernels and reciprocal denominators of the normalised convolution (periodic in the
+    interior; computed once per pattern and frame size: they do not depend on the data)."""
+    masks = cfa_masks(cfa, H, W)
+    period = parse_cfa(cfa)
+    inv = np.zeros((3, H, W), np.float32)
+    kernels, fallbacks, radii = [], [], []
+    for c in range(3):
+        mc = masks[c]
+        if not mc.any():
+            raise RawError(f"CFA {cfa!r}: a {H}x{W} image holds no {'RGB'[c]} photosite")
+        r0 = _interior_radius(period == c)
+        radii.append(r0)
+        kernels.append(_tent(r0))
+        todo = mc == 0
+        den = _conv0(mc, _tent(r0))
+        hit = todo & (den > 0)
+        inv[c][hit] = 1.0 / den[hit]
+        todo &= ~hit
+        # what is left lies within r0 of an edge (deeper windows see the periodic pattern):
+        # give each such pixel to one edge strip and widen its tent until it sees the colour
+        hb, wb = max(0, H - r0), max(0, W - r0)  # first row / column of the far strips
+        strips = [  # r -> (out, src, crop): the src reaches r further inwards than the strip
+            lambda r: ((slice(0, r0), slice(None)), (slice(0, r0 + r), slice(None)),
+                       (slice(0, r0), slice(None))),
+            lambda r: ((slice(hb, H), slice(None)), (slice(max(0, hb - r), H), slice(None)),
+                       (slice(hb - max(0, hb - r), None), slice(None))),
+            lambda r: ((slice(None), slice(0, r0)), (slice(None), slice(0, r0 + r)),
+                       (slice(None), slice(0, r0))),
+            lambda r: ((slice(None), slice(wb, W)), (slice(None), slice(max(0, wb - r), W)),
+                       (slice(None), slice(wb - max(0, wb - r), None))),
+            # never needed for a periodic pattern; a safety net computing the whole image
+            lambda r: ((slice(None), slice(None)),) * 3,
+        ]
+        fb = []
+        r = r0
+        while todo.any():
+            r += 1
+            if r > max(H, W):
+                raise RawError(f"CFA {cfa!r}: {H}x{W} image too small to interpolate")
+            den = _conv0(mc, _tent(r))
+            hit = todo & (den > 0)
+            if not hit.any():
+                continue
+            todo &= ~hit
+            taken = np.zeros((H, W), bool)
+            for strip in strips:
+                out, src, crop = strip(r)
+                sel = hit[out] & ~taken[out]
+                if not sel.any():
+                    continue
+                taken[out] |= sel
+                fb.append(_Fallback(r, out, src, crop,
+                                    np.where(sel, 1.0 / np.maximum(den[out], 1e-30), 0.0)
+                                    .astype(np.float32)))
+        fallbacks.append(tuple(fb))
+    masks.flags.writeable = False
+    inv.flags.writeable = False
+    return _Plan(masks, tuple(kernels), inv, tuple(fallbacks), max(radii))
+
+
+def _demosaic_periodic(m: np.ndarray, cfa: str) -> list[np.ndarray]:
+    """Normalised-convolution demosaic of any periodic three-colour CFA (module docstring)."""
+    H, W = m.shape
+    plan = _periodic_plan(cfa, H, W)
+    out = []
+    for c in range(3):
+        mm = cv2.multiply(m, plan.masks[c])
+        v = cv2.multiply(_conv0(mm, plan.kernels[c]), plan.inv[c])
+        v = cv2.add(v, mm)  # inv is 0 at measured photosites: they keep their own value
+        for f in plan.fallbacks[c]:
+            v[f.out] += _conv0(np.ascontiguousarray(mm[f.src]), _tent(f.radius))[f.crop] * f.inv
+        out.append(v)
+    return out
+
+
 def demosaic_planes(mosaic: np.ndarray, cfa: str) -> list[np.ndarray]:
-    """Bilinear demosaic as three ``(H, W)`` float32 planes (R, G, B); equal to
+    """Demosaic as three ``(H, W)`` float32 planes (R, G, B); equal to
     :func:`demosaic_bilinear`.
 
-    The normalised convolution's denominator (the kernel summed over a colour's photosites) is
-    exactly 1 at every pixel of a Bayer mosaic, borders included: the bilinear kernels weigh
-    each colour's neighbours to a sum of 1, and ``BORDER_REFLECT_101`` mirrors about the edge
-    photosite, which keeps the pattern's parity. So one ``filter2D`` per colour suffices."""
+    For a 2x2 Bayer CFA the normalised convolution's denominator (the kernel summed over a
+    colour's photosites) is exactly 1 at every pixel, borders included: the bilinear kernels
+    weigh each colour's neighbours to a sum of 1, and ``BORDER_REFLECT_101`` mirrors about the
+    edge photosite, which keeps the pattern's parity. So one ``filter2D`` per colour suffices.
+    Other periodic CFAs (X-Trans) divide by the precomputed, periodic denominator instead (module
+    docstring)."""
     m = np.asarray(mosaic, np.float32)
     H, W = m.shape
+    if cfa not in _CFA:
+        return _demosaic_periodic(m, cfa)
     if H < 2 or W < 2:
         return list(demosaic_bilinear(m, cfa))
     masks = _cfa_masks_cached(cfa, H, W)
@@ -260,15 +448,19 @@ def demosaic_bilinear(mosaic: np.ndarray, cfa: str) -> np.ndarray:
     Parameters
     ----------
     mosaic : ndarray ``(H, W)`` float
-    cfa : Bayer pattern of the top-left 2x2, e.g. ``"RGGB"``.
+    cfa : CFA pattern from the top-left photosite: a Bayer ``"RGGB"`` ..., or X-Trans or any
+        periodic pattern in :mod:`lightstage.cfa` spelling (normalised convolution with the
+        bilinear tent, widened where a border window lacks a colour).
 
     Returns
     -------
     ndarray ``(3, H, W)`` float32 camera RGB, channel-planar (the store's layout). Measured
-    photosites keep their exact value; the missing ones are the mean of their nearest
-    same-colour neighbours.
+    photosites keep their exact value; the missing ones are the tent-weighted mean of their
+    nearest same-colour neighbours.
     """
     m = np.asarray(mosaic, np.float32)
+    if cfa not in _CFA:
+        return np.stack(_demosaic_periodic(m, cfa))
     H, W = m.shape
     masks = cfa_masks(cfa, H, W)
     out = np.empty((3, H, W), np.float32)
@@ -277,15 +469,33 @@ def demosaic_bilinear(mosaic: np.ndarray, cfa: str) -> np.ndarray:
     return out
 
 
-def saturation_rgb(saturated: np.ndarray) -> np.ndarray:
-    """Pixel-level saturation after bilinear demosaic: a pixel is untrusted when any photosite
-    of its 3x3 neighbourhood (the support of the bilinear kernels) is saturated. ``(H, W)`` bool."""
+def saturation_rgb(saturated: np.ndarray, cfa: str | None = None) -> np.ndarray:
+    """Pixel-level saturation after demosaic: a pixel is untrusted when any photosite of the
+    demosaic's support around it is saturated. ``(H, W)`` bool.
+
+    The support is the 3x3 neighbourhood for Bayer (the bilinear kernels) and for the interior
+    of X-Trans; give ``cfa`` for another pattern so that the border pixels whose tent was widened
+    (:func:`demosaic_planes`), or a pattern needing a wider interior tent, count their whole
+    window."""
     s = np.asarray(saturated, np.uint8)
-    return cv2.dilate(s, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REFLECT_101) > 0
+    if cfa is None or cfa in _CFA:
+        return cv2.dilate(s, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REFLECT_101) > 0
+    H, W = s.shape
+    plan = _periodic_plan(cfa, H, W)
+    r = plan.radius
+    out = cv2.dilate(s, np.ones((2 * r + 1, 2 * r + 1), np.uint8),
+                     borderType=cv2.BORDER_REFLECT_101) > 0
+    for fbs in plan.fallbacks:
+        for f in fbs:
+            k = np.ones((2 * f.radius + 1, 2 * f.radius + 1), np.uint8)
+            d = cv2.dilate(np.ascontiguousarray(s[f.src]), k, borderType=cv2.BORDER_REFLECT_101)
+            out[f.out] |= (d[f.crop] > 0) & (f.inv > 0)
+    return out
 
 
 def mosaic_from_rgb(rgb: np.ndarray, cfa: str) -> np.ndarray:
-    """Sample a channel-planar ``(3, H, W)`` image through a Bayer CFA -> ``(H, W)`` mosaic
-    (test helper and the inverse of :func:`demosaic_bilinear` at measured photosites)."""
+    """Sample a channel-planar ``(3, H, W)`` image through a CFA (Bayer, X-Trans, any periodic
+    pattern) -> ``(H, W)`` mosaic (test helper and the inverse of :func:`demosaic_bilinear` at
+    measured photosites)."""
     masks = cfa_masks(cfa, rgb.shape[1], rgb.shape[2])
     return (np.asarray(rgb, np.float32) * masks).sum(0)

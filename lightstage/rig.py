@@ -26,6 +26,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .cfa import CFAError, cfa_string, parse_cfa
+
 __all__ = [
     "RIG_FORMAT",
     "RIG_VERSION",
@@ -71,6 +73,10 @@ class Sensor:
     to the working space. ``gain`` is the analogue gain (ISO = 100 * gain). ``electrons_per_dn``
     and ``read_noise_dn`` drive the shot + read noise model; ``full_scale`` is the radiance x
     seconds that maps to the white level at gain 1 (sets the sensor's sensitivity).
+    ``cfa_pattern`` is the colour filter array from the top-left photosite in
+    :mod:`lightstage.cfa` spelling: a Bayer ``"RGGB"``/``"BGGR"``/``"GRBG"``/``"GBRG"``, or the
+    rows of any periodic pattern separated by ``/`` (``"X-Trans"`` is accepted in a rig file and
+    stored as Fujifilm's 6x6 pattern, :data:`lightstage.cfa.XTRANS`).
     """
 
     width: int
@@ -449,8 +455,12 @@ def _sensor_from(c: _Checker, d: dict, path: str) -> Sensor | None:
         if v is not None and v <= 0:
             c.err(f"{path}.{k}", f"must be positive, got {v}")
     cfa = c.get(d, "cfa_pattern", path, str, required=False, default="RGGB")
-    if cfa not in CFA_PATTERNS:
-        c.err(f"{path}.cfa_pattern", f"must be one of {CFA_PATTERNS}, got {cfa!r}")
+    if cfa is not None:
+        try:  # Bayer "RGGB" ..., "X-Trans", or any periodic pattern as rows separated by "/"
+            cfa = cfa_string(parse_cfa(cfa))
+        except CFAError as e:
+            c.err(f"{path}.cfa_pattern", f"must be one of {CFA_PATTERNS}, 'X-Trans' or rows of "
+                                         f"R/G/B letters separated by '/' ({e})")
     bits = c.get(d, "bit_depth", path, int, required=False, default=12)
     if bits is not None and not 8 <= bits <= 16:
         c.err(f"{path}.bit_depth", f"must be 8..16, got {bits}")

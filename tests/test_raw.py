@@ -81,14 +81,15 @@ def test_truncated_raw_names_the_file(real_data, tmp_path):
 
 
 def test_non_bayer_fallback_is_linear_libraw_development(real_data, monkeypatch):
-    """Sensors without a 2x2 Bayer CFA (X-Trans ...) go through LibRaw's demosaic with linear
-    settings; forced here on a Bayer DNG, it must agree with our own linear path."""
+    """Sensors whose CFA we do not demosaic ourselves (four colours, periods over 8 ...) go
+    through LibRaw's demosaic with linear settings; forced here on a Bayer DNG, it must agree
+    with our own linear path."""
     import lightstage.raw as raw
 
     p = real_data / "raw" / "mini_isp_face_ov5647.dng"
     bayer = raw.read_raw(p)
     ours = raw.demosaic_bilinear(bayer.data, bayer.cfa).reshape(3, -1).mean(1)
-    monkeypatch.setattr(raw, "_bayer_string", lambda pattern, desc: None)
+    monkeypatch.setattr(raw, "_cfa_string", lambda pattern, desc: None)
     fb = raw.read_raw(p)
     assert fb.cfa is None and fb.data.shape == bayer.data.shape + (3,)
     assert fb.saturated.shape == bayer.data.shape

@@ -1,5 +1,6 @@
-"""The twin's camera sensor: scene radiance -> raw Bayer mosaic (DN), and the exact inverse
-("ground-truth calibration") that ingest and calibration must recover.
+"""The twin's camera sensor: scene radiance -> raw CFA mosaic (DN; Bayer, X-Trans or any periodic
+CFA of :mod:`lightstage.cfa`), and the exact inverse ("ground-truth calibration") that ingest and
+calibration must recover.
 
 Forward model for one camera and one exposure (all linear)::
 
@@ -38,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from ..calibfile import Calibration, CameraCalibration, LightCalibration
+from ..cfa import CFA_INDEX, cfa_index_map, parse_cfa
 from ..dng import DNGMetadata, colour_tags_from_response
 from ..rig import Camera, Rig
 
@@ -55,14 +57,13 @@ __all__ = [
     "truth_calibration",
 ]
 
-CFA_INDEX = {"R": 0, "G": 1, "B": 2}
 _NOISE_BLOCK = 1 << 20  # photosites per block of the noise draw (bounds its temporaries)
 
 
 def cfa_channels(pattern: str, height: int, width: int) -> np.ndarray:
-    """(H, W) uint8 colour index (0 R, 1 G, 2 B) of every photosite for a 2x2 CFA pattern."""
-    p = np.array([CFA_INDEX[c] for c in pattern.upper()], dtype=np.uint8).reshape(2, 2)
-    return np.tile(p, (-(-height // 2), -(-width // 2)))[:height, :width]
+    """(H, W) uint8 colour index (0 R, 1 G, 2 B) of every photosite for a CFA pattern: 2x2
+    Bayer (``"RGGB"`` ...), X-Trans or any periodic pattern (:mod:`lightstage.cfa`)."""
+    return cfa_index_map(pattern, height, width)
 
 
 def vignetting_gain(camera: Camera) -> np.ndarray:
@@ -104,13 +105,14 @@ def expected_dn(radiance: np.ndarray, camera: Camera, exposure: float,
         raise ValueError(f"camera {camera.name}: radiance has shape {radiance.shape}, "
                          f"expected {(H, W, 3)}")
     M = np.asarray(camera.sensor.colour_response, dtype=np.float32)
-    pat = camera.sensor.cfa_pattern.upper()
+    period = parse_cfa(camera.sensor.cfa_pattern)  # (2, 2) Bayer, (6, 6) X-Trans ...
+    n, m = period.shape
     out = np.empty((H, W), dtype=np.float32)
-    # mosaic first: each 2x2 phase needs only one row of M, so only a quarter of the pixels
-    # are touched per phase and no (H, W, 3) camera image is ever materialised
-    for k, letter in enumerate(pat):
-        dy, dx = divmod(k, 2)
-        out[dy::2, dx::2] = radiance[dy::2, dx::2].astype(np.float32, copy=False) @ M[CFA_INDEX[letter]]
+    # mosaic first: each phase of the pattern needs only one row of M, so only 1/(n m) of the
+    # pixels are touched per phase and no (H, W, 3) camera image is ever materialised
+    for k, ch in enumerate(period.reshape(-1)):
+        dy, dx = divmod(k, m)
+        out[dy::n, dx::m] = radiance[dy::n, dx::m].astype(np.float32, copy=False) @ M[int(ch)]
     out *= vignetting if vignetting is not None else vignetting_gain(camera)
     out *= np.float32(dn_scale(camera, exposure))
     return out
