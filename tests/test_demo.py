@@ -14,10 +14,7 @@ from cli.demo import _finite, main
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(1)
+def demo(tmp_path_factory, one_torch_thread):
     out = tmp_path_factory.mktemp("demo") / "out"
     r = CliRunner().invoke(main, [str(out), "--quick"])
     assert r.exit_code == 0, r.output

@@ -26,14 +26,7 @@ from model.train_encoder import (EncoderTrainConfig, LatentSampler, evaluate_inv
                                  look_at_labels, sample_prior_batch, train_encoder, w_statistics)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI/dev machines are small and shared: one intra-op thread is faster than two
-    # contending ones for these tiny networks (and is the house rule of one core per file).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread, restored after
 
 
 def micro_config():

@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from lightstage.camera import EG3D_FRONT_CAM2WORLD, eg3d_label
 from model import face as F
@@ -23,15 +22,7 @@ from model import face as F
 needs_detector = pytest.mark.skipif(not F.detector_available(),
                                     reason="facenet-pytorch (MTCNN weights) not installed")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI/dev machines are small and shared: one intra-op thread is faster than two
-    # contending ones for MTCNN's small networks (and is the house rule of one core per file).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread, restored after
 
 
 @pytest.fixture(scope="module")
@@ -217,25 +208,22 @@ def _look_at(eye, target=np.zeros(3)):
     return c2w
 
 
+def _project_template(tpl, c2w, size):
+    """Pixel positions of 3D template points seen by a camera (cam2world) at the EG3D intrinsics."""
+    R = c2w[:3, :3].T
+    pc = tpl @ R.T + (-R @ c2w[:3, 3])
+    K = F._K_pixels(size)
+    return (pc[:, :2] / pc[:, 2:]) @ K[:2, :2].T + K[:2, 2]
+
+
 @pytest.mark.parametrize("yaw,pitch", [(0.0, 0.0), (0.45, 0.0), (-0.3, 0.2), (0.2, -0.25)])
 def test_estimate_pose_recovers_known_cameras(yaw, pitch):
     size = 256
     eye = 2.7 * np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
     c2w = _look_at(eye, np.array([0.0, 0.0, 0.2]))
-    R = c2w[:3, :3].T
-    t = -R @ c2w[:3, 3]
-    pc = F.LM5_EG3D @ R.T + t
-    K = F._K_pixels(size)
-    uv = (pc[:, :2] / pc[:, 2:]) @ K[:2, :2].T + K[:2, 2]
+    uv = _project_template(F.LM5_EG3D, c2w, size)
     est = F.estimate_pose(uv, size)
     np.testing.assert_allclose(est, c2w, atol=1e-5)
-
-
-def _project_template(tpl, c2w, size):
-    R = c2w[:3, :3].T
-    pc = tpl @ R.T + (-R @ c2w[:3, 3])
-    K = F._K_pixels(size)
-    return (pc[:, :2] / pc[:, 2:]) @ K[:2, :2].T + K[:2, 2]
 
 
 def test_fit_landmark_template_recovers_a_known_face():
@@ -275,11 +263,7 @@ def test_pose_of_held_out_twin_heads_with_the_bundles_template():
 def test_frontal_camera_matches_eg3d_c_front():
     # EG3D's c_front sees the template at (x, y) -> image centre +- template; PnP returns it.
     size = 512
-    R = EG3D_FRONT_CAM2WORLD[:3, :3].T
-    t = -R @ EG3D_FRONT_CAM2WORLD[:3, 3]
-    pc = F.LM5_EG3D @ R.T + t
-    K = F._K_pixels(size)
-    uv = (pc[:, :2] / pc[:, 2:]) @ K[:2, :2].T + K[:2, 2]
+    uv = _project_template(F.LM5_EG3D, EG3D_FRONT_CAM2WORLD, size)
     est = F.estimate_pose(uv, size)
     np.testing.assert_allclose(est, EG3D_FRONT_CAM2WORLD, atol=1e-6)
     # and the aligned crop's canonical landmarks are within a few pixels of that view

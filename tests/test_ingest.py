@@ -26,6 +26,8 @@ from lightstage.ingest import (DONE_SKIPPED, DONE_WRITTEN, IngestConfig, IngestE
 from lightstage.rig import builtin_rig
 from lightstage.store import open_take
 
+from conftest import assert_same_take, take_arrays
+
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = "0:11"  # dark, tracking 1, olat 2-9, tracking 10
 MOVING_FRAMES = "0:20"  # ... olat 11-18, tracking 19
@@ -214,22 +216,6 @@ def _cli(*args, **kw):
                           env=env, capture_output=True, text=True, **kw)
 
 
-def _arrays(store):
-    g = zarr.open_group(str(store), mode="r")["s000/t0"]
-    arrs = {k: np.asarray(a[...]) for k, a in g.arrays()}
-    attrs = dict(g.attrs)
-    attrs["provenance"] = {k: v for k, v in attrs["provenance"].items() if k != "created"}
-    return arrs, attrs
-
-
-def _assert_same_store(a, b):
-    (xa, aa), (xb, ab) = _arrays(a), _arrays(b)
-    assert sorted(xa) == sorted(xb)
-    for k in xa:
-        np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
-    assert json.dumps(aa, sort_keys=True) == json.dumps(ab, sort_keys=True)
-
-
 @twin_test
 def test_killed_ingest_resumes_to_identical_store(twin, ingested, tmp_path):
     cap, cal = twin
@@ -255,7 +241,7 @@ def test_killed_ingest_resumes_to_identical_store(twin, ingested, tmp_path):
     r = _cli(cap, "--calibration", cal, "--out", out, "--workers", "0")
     assert r.returncode == 0, r.stderr
     assert "already done" in r.stderr
-    _assert_same_store(out, ingested)
+    assert_same_take(out, ingested)
     assert _cli("--verify", out).returncode == 0
 
 
@@ -264,10 +250,10 @@ def test_existing_take_with_other_options_is_refused(twin, ingested, tmp_path):
     cap, cal = twin
     st = tmp_path / "c.zarr"
     shutil.copytree(ingested, st)
-    before = _arrays(st)[0]["olat"].copy()
+    before = take_arrays(st)[0]["olat"].copy()
     with pytest.raises(IngestError, match="overwrite"):
         ingest(cap, cal, st, config=IngestConfig(reference="first", flow=align.FlowConfig(upsample=2)))
-    np.testing.assert_array_equal(_arrays(st)[0]["olat"], before)
+    np.testing.assert_array_equal(take_arrays(st)[0]["olat"], before)
     # same options: a no-op resume
     rep = ingest(cap, cal, st)
     assert rep.ok and rep.written == 0 and rep.resumed == before.shape[0] * before.shape[1]
@@ -280,7 +266,7 @@ def test_localcluster_two_workers_same_store(twin, ingested, tmp_path):
     out = tmp_path / "d.zarr"
     rep = ingest(cap, cal, out, workers=2)
     assert rep.ok and rep.dashboard
-    _assert_same_store(out, ingested)
+    assert_same_take(out, ingested)
 
 
 @twin_test

@@ -8,7 +8,6 @@ still work per take; two captures that name their take alike are refused unless 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from pathlib import Path
 
@@ -16,29 +15,12 @@ import numpy as np
 import pytest
 import zarr
 
-from lightstage.calibfile import save_calibration
 from lightstage.ingest import IngestConfig, IngestError, ingest, verify_store
-from lightstage.manifest import CaptureManifest, FrameRecord, RawFile
-from lightstage.rig import builtin_rig, save_rig
 from lightstage.store import list_takes, open_take
-
-sensor = pytest.importorskip("lightstage.twin.sensor")
-dng = pytest.importorskip("lightstage.dng")
+from lightstage.twin.static_capture import write_static_capture
 
 H, W = 32, 40
 FRAMES = [1, 2, 3, 10]  # tracking, olat (lights 0, 1), tracking
-
-
-def _rig():
-    rig = copy.deepcopy(builtin_rig("tiny"))
-    rig.cameras = rig.cameras[:2]
-    for c in rig.cameras:
-        K = np.asarray(c.K)
-        K[0] *= W / c.sensor.width
-        K[1] *= H / c.sensor.height
-        c.K = K.tolist()
-        c.sensor.width, c.sensor.height = W, H
-    return rig
 
 
 def albedo(ci: int, level: float) -> np.ndarray:
@@ -49,31 +31,10 @@ def albedo(ci: int, level: float) -> np.ndarray:
 
 
 def write_capture(root: Path, subject: str, take: str, level: float) -> tuple[Path, Path]:
-    rig = _rig()
-    root.mkdir(parents=True)
-    save_rig(rig, root / "rig.json")
-    tdir = root / subject / take
-    E = sensor.light_irradiance(rig)
-    records = []
-    for f in FRAMES:
-        fr = rig.sequence[f]
-        files = {}
-        for ci, cam in enumerate(rig.cameras):
-            rad = albedo(ci, level) * (E[fr.light] if fr.kind == "olat" else E.sum(0))
-            lst = []
-            for k, t in enumerate(fr.exposures):
-                rel = f"raw/{cam.name}/f{f:04d}_e{k}.dng"
-                (tdir / rel).parent.mkdir(parents=True, exist_ok=True)
-                sha = dng.write_dng(tdir / rel, sensor.simulate_raw(rad, cam, t, noise=False),
-                                    sensor.dng_metadata(cam, t))
-                lst.append(RawFile(rel, t, cam.sensor.iso, sha))
-            files[cam.name] = lst
-        records.append(FrameRecord(f, fr.kind, fr.light, files))
-    CaptureManifest(root=tdir, rig=rig, subject=subject, take=take, frames=records,
-                    rig_ref="../../rig.json").save()
-    cal = root / "cal.json"
-    save_calibration(sensor.truth_calibration(rig), cal)
-    return root, cal
+    """Two cameras of the tiny rig at H x W, imaging ``albedo(c, level)``; (folder, calibration)."""
+    cap = write_static_capture(root, height=H, width=W, n_cameras=2, frames=FRAMES,
+                               radiance=lambda ci: albedo(ci, level), subject=subject, take=take)
+    return cap.root, cap.calibration
 
 
 @pytest.fixture(scope="module")

@@ -8,38 +8,19 @@ without --skip-bad, and a 2-worker LocalCluster writing the same store."""
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import zarr
 
 from lightstage import ingest as ingest_mod
-from lightstage.calibfile import save_calibration
-from lightstage.ingest import DONE_SKIPPED, DONE_WRITTEN, IngestConfig, ingest, verify_store
-from lightstage.manifest import CaptureManifest, FrameRecord, RawFile
-from lightstage.rig import builtin_rig, save_rig
+from lightstage.ingest import DONE_SKIPPED, DONE_WRITTEN, ingest, verify_store
 from lightstage.store import open_take
+from lightstage.twin.static_capture import write_static_capture
 
-sensor = pytest.importorskip("lightstage.twin.sensor")
-dng = pytest.importorskip("lightstage.dng")
+from conftest import assert_same_take
 
-ROOT = Path(__file__).resolve().parents[1]
 H, W = 32, 48
 FRAMES = [1, 2, 3, 4, 10]  # tracking, olat (lights 0, 1, 2), tracking
-
-
-def _rig():
-    rig = copy.deepcopy(builtin_rig("tiny"))
-    for c in rig.cameras:
-        K = np.asarray(c.K)
-        K[0] *= W / c.sensor.width
-        K[1] *= H / c.sensor.height
-        c.K = K.tolist()
-        c.sensor.width, c.sensor.height = W, H
-    return rig
 
 
 def albedo(ci: int) -> np.ndarray:
@@ -50,37 +31,11 @@ def albedo(ci: int) -> np.ndarray:
     return base + spot[..., None] * np.array([1.0, 0.9, 0.8])
 
 
-def write_capture(root: Path, rig) -> tuple[Path, Path]:
-    root.mkdir(parents=True)
-    save_rig(rig, root / "rig.json")
-    take = root / "s000" / "t0"
-    E = sensor.light_irradiance(rig)
-    records = []
-    for f in FRAMES:
-        fr = rig.sequence[f]
-        files = {}
-        for ci, cam in enumerate(rig.cameras):
-            rad = albedo(ci) * (E[fr.light] if fr.kind == "olat" else E.sum(0))
-            lst = []
-            for k, t in enumerate(fr.exposures):
-                raw = sensor.simulate_raw(rad, cam, t, noise=False)
-                rel = f"raw/{cam.name}/f{f:04d}_e{k}.dng"
-                (take / rel).parent.mkdir(parents=True, exist_ok=True)
-                sha = dng.write_dng(take / rel, raw, sensor.dng_metadata(cam, t))
-                lst.append(RawFile(rel, t, cam.sensor.iso, sha))
-            files[cam.name] = lst
-        records.append(FrameRecord(f, fr.kind, fr.light, files))
-    CaptureManifest(root=take, rig=rig, subject="s000", take="t0", frames=records,
-                    rig_ref="../../rig.json").save()
-    cal = root / "cal.json"
-    save_calibration(sensor.truth_calibration(rig), cal)
-    return root, cal
-
-
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
-    rig = _rig()
-    return write_capture(tmp_path_factory.mktemp("syn") / "cap", rig) + (rig,)
+    """(capture folder, calibration file, rig) of the static capture of ``albedo``."""
+    return tuple(write_static_capture(tmp_path_factory.mktemp("syn") / "cap", height=H, width=W,
+                                      frames=FRAMES, radiance=albedo))
 
 
 @pytest.fixture(scope="module")
@@ -164,24 +119,6 @@ def test_verify_reads_older_blake2b_checksums(store, tmp_path):
     assert any("checksum mismatch" in p for p in verify_store(old))
 
 
-def _arrays(store):
-    g = zarr.open_group(str(store), mode="r")["s000/t0"]
-    a = {k: np.asarray(v[...]) for k, v in g.arrays()}
-    at = dict(g.attrs)
-    at["provenance"] = {k: v for k, v in at["provenance"].items() if k != "created"}
-    return a, at
-
-
-def _same(a, b, provenance=True):
-    (xa, aa), (xb, ab) = _arrays(a), _arrays(b)
-    if not provenance:  # e.g. inputs read from another folder
-        aa.pop("provenance"), ab.pop("provenance")
-    assert sorted(xa) == sorted(xb)
-    for k in xa:
-        np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
-    assert json.dumps(aa, sort_keys=True) == json.dumps(ab, sort_keys=True)
-
-
 def test_interrupted_ingest_resumes_identically(capture, store, tmp_path, monkeypatch):
     cap, cal, _ = capture
     out = tmp_path / "r.zarr"
@@ -204,7 +141,7 @@ def test_interrupted_ingest_resumes_identically(capture, store, tmp_path, monkey
     assert problems and all("missing" in p for p in problems)
     rep = ingest(cap, cal, out)
     assert rep.ok and rep.written + rep.resumed == 12 and rep.written < 12
-    _same(out, store)
+    assert_same_take(out, store)
 
 
 class _Result:
@@ -265,7 +202,7 @@ def test_localcluster_two_workers_same_store(capture, store, tmp_path):
     rep = ingest(cap, cal, out, workers=2)
     assert rep.ok, rep.errors
     assert rep.dashboard
-    _same(out, store)
+    assert_same_take(out, store)
 
 
 def test_bad_tracking_frame_then_fixed_gives_the_clean_store(capture, store, tmp_path):
@@ -286,7 +223,7 @@ def test_bad_tracking_frame_then_fixed_gives_the_clean_store(capture, store, tmp
     f.write_bytes(good)  # the user restores the file and reruns
     rep = ingest(cap, cal, out)
     assert rep.ok and rep.written == 3  # camera 1's OLATs redone with both tracking frames
-    _same(out, store, provenance=False)
+    assert_same_take(out, store, provenance=False)
 
 
 def test_root_polynomial_calibration_as_ls_calibrate_writes_it():

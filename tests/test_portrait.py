@@ -18,12 +18,12 @@ from click.testing import CliRunner
 
 from model.bundle import DEFAULT_BUNDLE, BundleError, load_bundle
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_BUNDLE / "bundle.json").is_file(), reason="bundled model missing")
+pytestmark = [pytest.mark.skipif(not (DEFAULT_BUNDLE / "bundle.json").is_file(), reason="bundled model missing"),
+              pytest.mark.usefixtures("one_torch_thread")]  # conftest: one intra-op thread, restored after
 
 
 @pytest.fixture(scope="module")
 def bundle():
-    torch.set_num_threads(1)
     return load_bundle()
 
 

@@ -166,6 +166,7 @@ def test_psnr_known_values():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_trained_prior_fits_heldout_twin_subject(tmp_path):
     """Full pipeline: twin renders -> auto-decoder prior (a few CPU minutes) -> fit a held-out
     subject from 4 views -> the 5th, unseen view beats the mean-face baseline.
@@ -173,7 +174,6 @@ def test_trained_prior_fits_heldout_twin_subject(tmp_path):
     ``LIGHTSTAGE_PRIOR_DIR`` may point at an already trained prior (``ls-train prior --out``)
     to skip training; ``LIGHTSTAGE_PRIOR_STEPS`` sets the training length (default 300).
     """
-    torch.set_num_threads(1)
     prior_dir = os.environ.get("LIGHTSTAGE_PRIOR_DIR")
     if prior_dir is None:
         data = tmp_path / "train"

@@ -20,13 +20,7 @@ from model.olat_data import DataConfig, OlatDataset, head_cameras, make_splits, 
 from model.reflectance import (GeometrySamples, ReflectanceConfig, ReflectanceNet, march_density,
                                real_sh, render_fixed, sample_triplane)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core machine: one thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread, restored after
 
 
 # ---- analytic sphere store ---------------------------------------------------------------------

@@ -23,12 +23,7 @@ from model.train_reflectance import (ReflectanceTrainer, TrainConfig, load_refle
 from test_reflectance import head_density, write_sphere_store
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread, restored after
 
 
 def fourier_planes(C=16, res=64, seed=0) -> torch.Tensor:
