@@ -170,24 +170,52 @@ def test_demosaic_flat_colour_exact(shape, pattern):
 
 def test_demosaic_smooth_field_accurate():
     H, W = 96, 120
-    truth = _smooth_rgb(H, W, scale=20.0)  # features ~40 px across
+    truth = _smooth_rgb(H, W, scale=20.0)  # features ~40 px across, channels independent
     out = demosaic_bilinear(mosaic_from_rgb(truth, XTRANS), XTRANS)
     # measured photosites keep their value exactly, borders included
     m = cfa_masks(XTRANS, H, W).astype(bool)
     assert np.array_equal(out[m], truth[m])
-    # every interpolated value is a convex combination of same-colour photosites of its 3x3
-    # window (5x5 at a few border pixels): it lies within the truth's range there
+    # green (the guide) is a convex combination of the green photosites of its 3x3 window: it
+    # lies within the truth's range there
     from scipy.ndimage import maximum_filter, minimum_filter
 
-    inner = (slice(1, -1), slice(1, -1))
-    for c in range(3):
-        for size, sl in ((3, inner), (5, (slice(None), slice(None)))):
-            lo = minimum_filter(truth[c], size=size, mode="nearest")[sl]
-            hi = maximum_filter(truth[c], size=size, mode="nearest")[sl]
-            assert (out[c][sl] >= lo - 1e-6).all() and (out[c][sl] <= hi + 1e-6).all()
+    lo = minimum_filter(truth[1], size=3, mode="nearest")
+    hi = maximum_filter(truth[1], size=3, mode="nearest")
+    assert (out[1] >= lo - 1e-6).all() and (out[1] <= hi + 1e-6).all()
     rel = np.abs(out - truth) / truth
-    print(f"X-Trans demosaic of a smooth field: median {np.median(rel):.2e}, max {rel.max():.2e}")
-    assert np.median(rel) < 2.5e-3 and np.percentile(rel, 99) < 0.03
+    print(f"X-Trans demosaic of a smooth field: median {np.median(rel):.2e}, "
+          f"p99 {np.percentile(rel, 99):.2e}")
+    assert np.median(rel) < 3e-3 and np.percentile(rel, 99) < 0.04
+
+
+def test_demosaic_is_linear():
+    """Superposition holds (OLATs are summed by relighting): demosaic(a x + b y) equals
+    a demosaic(x) + b demosaic(y) to float32 rounding."""
+    rng = np.random.default_rng(7)
+    x, y = rng.random((2, 31, 43), dtype=np.float32)
+    lhs = demosaic_bilinear(np.float32(0.3) * x + np.float32(2.5) * y, XTRANS)
+    rhs = 0.3 * demosaic_bilinear(x, XTRANS) + 2.5 * demosaic_bilinear(y, XTRANS)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5, atol=1e-6)
+
+
+def test_green_guide_helps_where_colours_vary_together(monkeypatch):
+    """Texture shared by the colours (shading, skin): the green-guided correction cuts the error
+    of red and blue, whose X-Trans samples are sparse and off-centre, against the plain
+    normalised convolution (GUIDE_GAIN = 0)."""
+    import lightstage.raw as raw
+
+    H, W = 90, 108
+    lum = _smooth_rgb(H, W, seed=8, scale=6.0)[0]
+    truth = lum[None] * np.array([0.9, 0.6, 0.35], np.float32)[:, None, None]
+    mosaic = mosaic_from_rgb(truth, XTRANS)
+    guided = demosaic_bilinear(mosaic, XTRANS)
+    monkeypatch.setattr(raw, "GUIDE_GAIN", 0.0)
+    plain = demosaic_bilinear(mosaic, XTRANS)
+    e_g = np.median(np.abs(guided - truth)[[0, 2]] / truth[[0, 2]])
+    e_p = np.median(np.abs(plain - truth)[[0, 2]] / truth[[0, 2]])
+    print(f"red/blue median error: guided {e_g:.2e}, plain {e_p:.2e}")
+    assert e_g < 0.7 * e_p
+    np.testing.assert_array_equal(guided[1], plain[1])  # green itself is not guided
 
 
 def test_saturation_covers_the_demosaic_support():
@@ -207,12 +235,9 @@ def test_saturation_covers_the_demosaic_support():
             s[y, x] = True
             flagged = saturation_rgb(s, XTRANS)
             assert (flagged >= touched).all(), (y, x)
-            assert flagged.sum() <= 25
-            # the Bayer rule (3x3) is exact in the interior
-            if 2 <= y < H - 2 and 2 <= x < W - 2:
-                assert (saturation_rgb(s) >= touched).all()
+            assert flagged.sum() <= 49  # 5x5 in the interior, 7x7 at most at the borders
             wider |= bool((touched & ~saturation_rgb(s)).any())
-    assert wider  # some border pixels do reach further than 3x3 (what the cfa argument adds)
+    assert wider  # the Bayer rule (3x3, no cfa given) would miss pixels
 
 
 # ---- HDR merge on the X-Trans mosaic --------------------------------------------------------
@@ -346,3 +371,47 @@ def test_ingest_xtrans_capture_matches_radiance(xtrans_store):
                 assert np.median(rel[:, sat]) < 0.02  # demosaic at the spot's peak (curvature)
                 assert valid[li][sat].all()
     assert n_clipped > 50  # the test exercises recovery
+
+
+# ---- the digital twin with X-Trans cameras --------------------------------------------------
+
+
+@pytest.mark.slow  # renders a procedural head (~10-30 s on a shared 2-core machine)
+def test_twin_xtrans_capture_ingested_matches_truth(tmp_path):
+    """``ls-simulate``'s capture of a head holding still, every camera an X-Trans sensor, noise
+    off, ingested: radiance per unit light vs the twin's truth over lit foreground pixels (the
+    issue's < 1 % median, as tests/test_ingest.py asserts for Bayer)."""
+    from lightstage.calibfile import save_calibration
+    from lightstage.ingest import ingest
+    from lightstage.rig import builtin_rig
+    from lightstage.store import open_take
+    from lightstage.twin import capture as twin_capture
+    from lightstage.twin import sensor
+
+    rig = copy.deepcopy(builtin_rig("tiny"))
+    for k, c in enumerate(rig.cameras):
+        c.sensor.cfa_pattern = XTRANS if k % 2 == 0 else XTRANS_SHIFTED
+    cap = tmp_path / "cap"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(twin_capture, "motion_trajectory",
+                   lambda n, seed, rest_frame=0, **kw: np.tile(np.eye(4), (n, 1, 1)))
+        twin_capture.simulate(cap, rig, 1, seed=0, noise=False, frames="0:6", calibration=False)
+    cal = tmp_path / "cal.json"
+    save_calibration(sensor.truth_calibration(rig), cal)
+    out = tmp_path / "s.zarr"
+    rep = ingest(cap, cal, out)
+    assert rep.ok, rep.errors
+    take = open_take(out)
+    truth = open_take(cap / "s000" / "t0" / "truth" / "truth.zarr")
+    lights_t = list(truth.attrs["lights"])
+    errs = []
+    for ci in range(len(take.cameras)):
+        ob, v, fg = take.olat(ci), take.group["valid"][ci] > 0, truth.mask(ci)
+        for li, light in enumerate(take.attrs["lights"]):
+            tr = truth.olat(ci, lights=lights_t.index(light))
+            lit = (tr.min(0) > 0.05 * tr.max()) & fg & v[li]
+            errs.append((np.abs(ob[li] - tr)[:, lit] / tr[:, lit]).ravel())
+    errs = np.concatenate(errs)
+    med = float(np.median(errs))
+    print(f"twin X-Trans noise-free median relative error {med:.3%} over {errs.size} samples")
+    assert errs.size > 2000 and med < 0.01
