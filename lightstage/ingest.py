@@ -73,7 +73,7 @@ import cv2
 import numpy as np
 import zarr
 
-from . import align
+from . import _fused, align
 from .calibfile import Calibration, CameraCalibration, load_calibration
 from .hdr import merge_bracket, merge_raw_snr
 from .manifest import CaptureManifest, find_manifests, load_manifest, sha256_file
@@ -366,13 +366,16 @@ def _read_checked(path: str, sha: str | None, check: bool, margin: float | None)
 
 def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
              saturation_margin: float | None = None,
-             gain: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
+             gain: np.ndarray | None = None, fused: bool = True) -> tuple[Any, np.ndarray | None]:
     """Decode, merge, demosaic, de-vignette and colour-correct one camera's frame.
 
-    Returns three ``(H, W)`` float32 planes ``diag(gain) @ M @ (camera RGB / vignetting)`` and
-    the pixel validity (``(H, W)`` bool, or None when every pixel is valid). ``gain`` (3,)
-    folds the per-unit-light and storage scale into the colour matrix, so a stored image
-    costs no extra pass for them."""
+    Returns three ``(H, W)`` float32 planes ``diag(gain) @ M @ (camera RGB / vignetting)`` (a
+    list, or a ``(3, H, W)`` array from the fused kernel) and the pixel validity (``(H, W)``
+    bool, or None when every pixel is valid). ``gain`` (3,) folds the per-unit-light and
+    storage scale into the colour matrix, so a stored image costs no extra pass for them.
+    ``fused=False`` forces the OpenCV reference path (the fused kernel is used for Bayer
+    brackets with scalar black levels and a 3x3 matrix when :mod:`lightstage._fused` is
+    available)."""
     if not frame.files:
         raise RawError(f"frame {frame.index}: no files for camera {cam.name}")
     raws, exps = [], []
@@ -391,6 +394,18 @@ def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
         raws.append(r)
         exps.append(t * g)
     vig, cal = _camera_context(cam)
+    inv_vig = vig[1]
+    method = (cal.colour_method or "matrix-3x3").lower()
+    g3 = np.ones(3, np.float64) if gain is None else np.asarray(gain, np.float64).reshape(3)
+    if (fused and method in ("matrix-3x3", "matrix", "3x3") and _fused.is_bayer(raws[0].cfa)
+            and all(r.data.dtype == np.uint16 and np.ndim(r.black_map) == 0 for r in raws)
+            and _fused.available()):
+        # one cache-blocked pass (lightstage._fused): same numbers to float32 rounding
+        M = np.asarray(cal.colour_matrix, np.float64) * g3[:, None]
+        planes, bad = _fused.develop_bayer([r.data for r in raws], [r.saturated for r in raws],
+                                           [float(r.black_map) for r in raws],
+                                           [r.white for r in raws], exps, raws[0].cfa, inv_vig, M)
+        return planes, (None if not bad.any() else bad == 0)
     if raws[0].cfa is not None:
         merged = merge_raw_snr([r.data for r in raws], [r.black_map for r in raws],
                                [r.white for r in raws], [r.saturated for r in raws], exps)
@@ -401,9 +416,6 @@ def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
                                weighting="snr")
         planes = [np.ascontiguousarray(merged.radiance[..., k]) for k in range(3)]
         valid = None if merged.valid.all() else merged.valid
-    inv_vig = vig[1]
-    method = (cal.colour_method or "matrix-3x3").lower()
-    g3 = np.ones(3, np.float64) if gain is None else np.asarray(gain, np.float64).reshape(3)
     if method in ("matrix-3x3", "matrix", "3x3"):
         M = np.asarray(cal.colour_matrix, np.float64) * g3[:, None]
         for k in range(3):
@@ -492,6 +504,7 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
     bad: list[dict[str, Any]] = []
     H, W = cam.height, cam.width
     stride = int(g["flow"].attrs.get("stride", 1))
+    fast = spec.dtype == "float16" and _fused.available()
 
     def load(j):
         fr = spec.frames[spec.tracking[j]][cam.name]
@@ -541,16 +554,21 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
             bwd = align.compute_flow(u8, ref_u8, replace(fcfg, model="dense"))
             cons = align.fb_consistency(fwd, bwd, fcfg.fb_threshold, fcfg.fb_relative)
             grid = align.encode_flow(fwd, stride)
-            # every image is warped with the flow as stored, so a reader can reproduce it
-            mx, my, inside = align.warp_maps(align.decode_flow(grid, H, W, stride))
-            planes = align.warp_planes(planes, mx, my)
+            # every image is warped with the flow as stored, so a reader can reproduce it;
             # the flow's validity only: a tracking frame clipped where every light is on
             # says nothing about the OLAT pixels aligned with it
-            fvalid = cv2.bitwise_and(cons.view(np.uint8) * np.uint8(255), inside)
+            cons_u8 = cons.view(np.uint8) * np.uint8(255)
+            if fast:
+                stored, fvalid = _fused.warp_store(planes, grid, stride, cons_u8, None, F16_MAX)
+            else:
+                mx, my, inside = align.warp_maps(align.decode_flow(grid, H, W, stride))
+                planes = align.warp_planes(planes, mx, my)
+                fvalid = cv2.bitwise_and(cons_u8, inside)
+                stored = _store_planes(planes, spec.dtype)
         else:
             grid = zero_grid
             fvalid = np.full((H, W), 255, np.uint8)
-        stored = _store_planes(planes, spec.dtype)
+            stored = _store_planes(planes, spec.dtype)
         write_image(g["tracking"], (ci, j), stored)
         write_image(g["flow"], (ci, j), grid)
         write_image(g["flow_valid"], (ci, j), fvalid)
@@ -592,6 +610,9 @@ def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
     except RawError as e:
         return {"camera": ci, "light": li, "error": str(e), "frame": fidx}
     g = _open_group(spec)
+    fast = spec.dtype == "float16" and _fused.available()
+    grid = cons = None
+    stride = 1
     if spec.motion:
         tok = _tracking_ok(spec.store, spec.group, spec.run_id, ci)
         good = [j for j in range(len(spec.tracking)) if tok[j]]
@@ -608,15 +629,19 @@ def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
             cons = cv2.bitwise_and(ca, cb)
         else:
             grid, cons = fa, ca
+    if fast:  # warp, validity and float16 in one pass (lightstage._fused)
+        stored, vmask = _fused.warp_store(planes, grid, stride, cons, valid, F16_MAX)
+    elif spec.motion:
         mx, my, inside = align.warp_maps(align.decode_flow(grid, H, W, stride))
         planes = align.warp_planes(planes, mx, my)
         vmask = cv2.bitwise_and(cons, inside)
         if valid is not None:
             v = align.warp_planes([valid.astype(np.float32)], mx, my)[0]
             vmask[v <= 0.999] = 0
+        stored = _store_planes(planes, spec.dtype)
     else:
         vmask = np.full((H, W), 255, np.uint8) if valid is None else valid.astype(np.uint8) * 255
-    stored = _store_planes(planes, spec.dtype)
+        stored = _store_planes(planes, spec.dtype)
     write_image(g["olat"], (ci, li), stored)
     write_image(g["valid"], (ci, li), vmask)
     return {"camera": ci, "light": li, "checksum": image_checksum(stored, vmask)}

@@ -174,6 +174,33 @@ def test_motion_residual_against_true_motion(twin_moving, tmp_path):
 
 
 @twin_test
+def test_fused_kernels_match_the_opencv_path(twin_moving, tmp_path, monkeypatch):
+    """The default (lightstage._fused) ingest of a moving subject against the OpenCV reference
+    path, same capture: equal to float16 rounding plus the reference warp's 1/32-px rounding
+    of sampling positions; validity equal but for pixels at the edge of a mask."""
+    from lightstage import _fused
+
+    if not _fused.available():
+        pytest.skip(f"fused kernels unavailable: {_fused.why_unavailable()}")
+    cap, cal = twin_moving
+    assert ingest(cap, cal, tmp_path / "fused.zarr").ok
+    monkeypatch.setattr(_fused, "available", lambda: False)
+    assert ingest(cap, cal, tmp_path / "ref.zarr").ok
+    a, b = open_take(tmp_path / "fused.zarr").group, open_take(tmp_path / "ref.zarr").group
+    for name in ("olat", "tracking"):
+        x, y = np.asarray(a[name][...], np.float32), np.asarray(b[name][...], np.float32)
+        rel = np.abs(x - y) / np.maximum(np.abs(y), 0.05 * np.abs(y).max())
+        print(f"{name}: fused vs OpenCV path, median {np.median(rel):.2e}, 99.9 % "
+              f"{np.quantile(rel, 0.999):.2e}, max {rel.max():.2e}, differing {(x != y).mean():.2%}")
+        assert np.median(rel) < 1e-3 and np.quantile(rel, 0.999) < 0.02
+    for name in ("valid", "flow_valid"):
+        x, y = np.asarray(a[name][...]), np.asarray(b[name][...])
+        assert (x != y).mean() < 1e-3, name
+    np.testing.assert_array_equal(a["flow"][...], b["flow"][...])  # flows from the same images
+    np.testing.assert_array_equal(a["mask"][...], b["mask"][...])
+
+
+@twin_test
 def test_xarray_opens_store_with_dims_and_attrs(ingested):
     xr = pytest.importorskip("xarray")
     ds = xr.open_zarr(str(ingested), group="s000/t0", consolidated=False)
