@@ -39,6 +39,37 @@ def _reflect(i, n):  # pragma: no cover - compiled
     return i
 
 
+@numba.njit(inline="always")
+def _demosaic_class(up, mid, dn, zu, zm, zd, px, W, r0, r1, r2, r3, g0, g1, g2, g3, b0, b1, b2,
+                    b3, iv, M, o0, o1, o2, bad):  # pragma: no cover - compiled
+    """One site class (columns px, px+2, ...) of one row: each colour is a fixed weighting of
+    the centre, horizontal pair, vertical pair and diagonal sums, so the loop has no branch."""
+    m00 = M[0, 0]
+    m01 = M[0, 1]
+    m02 = M[0, 2]
+    m10 = M[1, 0]
+    m11 = M[1, 1]
+    m12 = M[1, 2]
+    m20 = M[2, 0]
+    m21 = M[2, 1]
+    m22 = M[2, 2]
+    for x in range(px, W, 2):
+        X = x + 1
+        c = mid[X]
+        h = mid[X - 1] + mid[X + 1]
+        v = up[X] + dn[X]
+        d = (up[X - 1] + up[X + 1]) + (dn[X - 1] + dn[X + 1])
+        g = iv[x]
+        rr = (r0 * c + r1 * h + r2 * v + r3 * d) * g
+        gg = (g0 * c + g1 * h + g2 * v + g3 * d) * g
+        bb = (b0 * c + b1 * h + b2 * v + b3 * d) * g
+        o0[x] = m00 * rr + m01 * gg + m02 * bb
+        o1[x] = m10 * rr + m11 * gg + m12 * bb
+        o2[x] = m20 * rr + m21 * gg + m22 * bb
+        bad[x] = (zu[X - 1] | zu[X] | zu[X + 1]) | (zm[X - 1] | zm[X] | zm[X + 1]) \
+            | (zd[X - 1] | zd[X] | zd[X + 1])
+
+
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def develop_bayer(dns, sats, a, b, e, shortest, cfa, inv_vig, M, out, bad, band):  # pragma: no cover
     """Merge a raw bracket, demosaic (bilinear), de-vignette and colour-correct, band by band.
@@ -72,75 +103,71 @@ def develop_bayer(dns, sats, a, b, e, shortest, cfa, inv_vig, M, out, bad, band)
         bf[k] = b[k]
         ef[k] = e[k]
     inv_es = np.float32(1.0) / ef[shortest]
+    num = np.empty(W, np.float32)
+    den = np.empty(W, np.float32)
     nbad = 0
     for y0 in range(0, H, band):
         y1 = min(H, y0 + band)
         for r in range(y1 - y0 + 2):
             ry = _reflect(y0 - 1 + r, H)
+            for x in range(W):
+                num[x] = 0.0
+                den[x] = 0.0
+            for k in range(K):  # one streaming pass per exposure (vectorises)
+                d = dns[k][ry]
+                sk = sats[k][ry]
+                ak = af[k]
+                bk = bf[k]
+                ek = ef[k]
+                for x in range(W):
+                    ok = np.float32(1.0) - np.float32(sk[x])
+                    num[x] += ok * ((np.float32(d[x]) - bk) * ak)
+                    den[x] += ok * ek
             mr = m[r]
             zr = z[r]
+            ds = dns[shortest][ry]
             for x in range(W):
-                num = np.float32(0.0)
-                den = np.float32(0.0)
-                for k in range(K):
-                    ok = np.float32(1.0) - np.float32(sats[k][ry, x])
-                    num += ok * ((np.float32(dns[k][ry, x]) - bf[k]) * af[k])
-                    den += ok * ef[k]
-                if den > 0:
-                    mr[x + 1] = num / den
+                if den[x] > 0:
+                    mr[x + 1] = num[x] / den[x]
                     zr[x + 1] = 0
                 else:
-                    mr[x + 1] = (np.float32(dns[shortest][ry, x]) - bf[shortest]) * af[shortest] * inv_es
+                    mr[x + 1] = (np.float32(ds[x]) - bf[shortest]) * af[shortest] * inv_es
                     zr[x + 1] = 1
             mr[0] = mr[2]
             mr[W + 1] = mr[W - 1]
             zr[0] = zr[2]
             zr[W + 1] = zr[W - 1]
-        q = np.float32(0.25)
-        hf = np.float32(0.5)
         for y in range(y0, y1):
             r = y - y0 + 1
-            up = m[r - 1]
-            mid = m[r]
-            dn = m[r + 1]
-            zu = z[r - 1]
-            zm = z[r]
-            zd = z[r + 1]
             py = y & 1
-            for x in range(W):
-                X = x + 1
-                c = cfa[py, x & 1]
-                centre = mid[X]
-                horiz = mid[X - 1] + mid[X + 1]
-                vert = up[X] + dn[X]
-                diag = (up[X - 1] + up[X + 1]) + (dn[X - 1] + dn[X + 1])
-                if c == 1:  # green site: R and B each on one axis
-                    g = centre
-                    if cfa[py, (x + 1) & 1] == 0:  # R left/right, B above/below
-                        rr = hf * horiz
-                        bb = hf * vert
+            for px in range(2):
+                c = cfa[py, px]
+                # which neighbours hold which colour at this site class: (R, G, B) as weights
+                # of (centre, horizontal pair, vertical pair, diagonals)
+                if c == 1:
+                    if cfa[py, 1 - px] == 0:  # R left/right, B above/below
+                        wr = (0.0, 0.5, 0.0, 0.0)
+                        wb = (0.0, 0.0, 0.5, 0.0)
                     else:
-                        rr = hf * vert
-                        bb = hf * horiz
+                        wr = (0.0, 0.0, 0.5, 0.0)
+                        wb = (0.0, 0.5, 0.0, 0.0)
+                    wg = (1.0, 0.0, 0.0, 0.0)
+                elif c == 0:
+                    wr = (1.0, 0.0, 0.0, 0.0)
+                    wg = (0.0, 0.25, 0.25, 0.0)
+                    wb = (0.0, 0.0, 0.0, 0.25)
                 else:
-                    g = q * (horiz + vert)
-                    if c == 0:
-                        rr = centre
-                        bb = q * diag
-                    else:
-                        bb = centre
-                        rr = q * diag
-                iv = inv_vig[y, x]
-                rr *= iv
-                g *= iv
-                bb *= iv
-                out[0, y, x] = M[0, 0] * rr + M[0, 1] * g + M[0, 2] * bb
-                out[1, y, x] = M[1, 0] * rr + M[1, 1] * g + M[1, 2] * bb
-                out[2, y, x] = M[2, 0] * rr + M[2, 1] * g + M[2, 2] * bb
-                zb = (zu[X - 1] | zu[X] | zu[X + 1]) | (zm[X - 1] | zm[X] | zm[X + 1]) \
-                    | (zd[X - 1] | zd[X] | zd[X + 1])
-                bad[y, x] = zb
-                nbad += zb
+                    wb = (1.0, 0.0, 0.0, 0.0)
+                    wg = (0.0, 0.25, 0.25, 0.0)
+                    wr = (0.0, 0.0, 0.0, 0.25)
+                _demosaic_class(m[r - 1], m[r], m[r + 1], z[r - 1], z[r], z[r + 1], px, W,
+                                np.float32(wr[0]), np.float32(wr[1]), np.float32(wr[2]), np.float32(wr[3]),
+                                np.float32(wg[0]), np.float32(wg[1]), np.float32(wg[2]), np.float32(wg[3]),
+                                np.float32(wb[0]), np.float32(wb[1]), np.float32(wb[2]), np.float32(wb[3]),
+                                inv_vig[y], M, out[0, y], out[1, y], out[2, y], bad[y])
+        for y in range(y0, y1):
+            for x in range(W):
+                nbad += bad[y, x]
     return nbad
 
 
@@ -179,46 +206,71 @@ def warp_store(planes, grid, stride, cons, valid, use_valid, lim, out, vmask):  
     _, H, W = planes.shape
     h, w = grid.shape[1], grid.shape[2]
     flim = np.float32(lim)
+    one = np.float32(1.0)
     gx_i = np.empty(W, np.int64)
     gx_t = np.empty(W, np.float64)
     gy_i = np.empty(H, np.int64)
     gy_t = np.empty(H, np.float64)
     _axis(W, w, stride, gx_i, gx_t)
     _axis(H, h, stride, gy_i, gy_t)
-    row = np.empty((2, w), np.float64)
+    gx_i1 = np.empty(W, np.int64)
+    gx_tf = np.empty(W, np.float32)
+    for x in range(W):
+        gx_i1[x] = min(gx_i[x] + 1, w - 1)
+        gx_tf[x] = gx_t[x]
+    rx = np.empty(w, np.float32)
+    ry = np.empty(w, np.float32)
+    fx = np.empty(W, np.float32)
+    fy = np.empty(W, np.float32)
+    p0 = planes[0]
+    p1 = planes[1]
+    p2 = planes[2]
+    o0 = out[0]
+    o1 = out[1]
+    o2 = out[2]
+    xmax = np.float32(W - 1)
+    ymax = np.float32(H - 1)
     for y in range(H):
         j0 = gy_i[y]
         j1 = min(j0 + 1, h - 1)
-        ty0 = gy_t[y]
-        for c in range(2):
-            for i in range(w):
-                row[c, i] = (1 - ty0) * grid[c, j0, i] + ty0 * grid[c, j1, i]
+        ty0 = np.float32(gy_t[y])
+        for i in range(w):
+            rx[i] = (one - ty0) * grid[0, j0, i] + ty0 * grid[0, j1, i]
+            ry[i] = (one - ty0) * grid[1, j0, i] + ty0 * grid[1, j1, i]
         for x in range(W):
-            i0 = gx_i[x]
-            i1 = min(i0 + 1, w - 1)
-            tx0 = gx_t[x]
-            mx = np.float32(x + ((1 - tx0) * row[0, i0] + tx0 * row[0, i1]))
-            my = np.float32(y + ((1 - tx0) * row[1, i0] + tx0 * row[1, i1]))
-            ok = cons[y, x] != 0 and mx >= 0 and mx <= W - 1 and my >= 0 and my <= H - 1
-            x0 = int(np.floor(mx))
-            y0 = int(np.floor(my))
-            tx = mx - np.float32(x0)
-            ty = my - np.float32(y0)
-            xa = min(max(x0, 0), W - 1)
-            xb = min(max(x0 + 1, 0), W - 1)
-            ya = min(max(y0, 0), H - 1)
-            yb = min(max(y0 + 1, 0), H - 1)
-            w00 = (1 - ty) * (1 - tx)
-            w01 = (1 - ty) * tx
-            w10 = ty * (1 - tx)
+            t = gx_tf[x]
+            fx[x] = (one - t) * rx[gx_i[x]] + t * rx[gx_i1[x]]
+            fy[x] = (one - t) * ry[gx_i[x]] + t * ry[gx_i1[x]]
+        yf = np.float32(y)
+        for x in range(W):
+            mx = np.float32(x) + fx[x]
+            my = yf + fy[x]
+            ok = cons[y, x] != 0 and mx >= 0 and mx <= xmax and my >= 0 and my <= ymax
+            # BORDER_REPLICATE: any source beyond the edge samples the edge pixel, so clamp
+            # first (also keeps the integer conversion in range)
+            cx = min(max(mx, np.float32(-1.0)), np.float32(W))
+            cy = min(max(my, np.float32(-1.0)), np.float32(H))
+            x0 = int(cx + one) - 1
+            y0 = int(cy + one) - 1
+            tx = cx - np.float32(x0)
+            ty = cy - np.float32(y0)
+            # unsigned indices: numba then skips its negative-index wraparound test per load
+            xa = np.uint64(min(max(x0, 0), W - 1))
+            xb = np.uint64(min(x0 + 1, W - 1))
+            ya = np.uint64(min(max(y0, 0), H - 1))
+            yb = np.uint64(min(y0 + 1, H - 1))
+            w00 = (one - ty) * (one - tx)
+            w01 = (one - ty) * tx
+            w10 = ty * (one - tx)
             w11 = ty * tx
-            for c in range(3):
-                v = (w00 * planes[c, ya, xa] + w01 * planes[c, ya, xb]
-                     + w10 * planes[c, yb, xa] + w11 * planes[c, yb, xb])
-                v = min(max(v, -flim), flim)
-                out[c, y, x] = _f2h(np.float32(v))
+            v = w00 * p0[ya, xa] + w01 * p0[ya, xb] + w10 * p0[yb, xa] + w11 * p0[yb, xb]
+            o0[y, x] = _f2h(min(max(v, -flim), flim))
+            v = w00 * p1[ya, xa] + w01 * p1[ya, xb] + w10 * p1[yb, xa] + w11 * p1[yb, xb]
+            o1[y, x] = _f2h(min(max(v, -flim), flim))
+            v = w00 * p2[ya, xa] + w01 * p2[ya, xb] + w10 * p2[yb, xa] + w11 * p2[yb, xb]
+            o2[y, x] = _f2h(min(max(v, -flim), flim))
             if ok and use_valid:
                 vv = (w00 * valid[ya, xa] + w01 * valid[ya, xb]
                       + w10 * valid[yb, xa] + w11 * valid[yb, xb])
-                ok = vv > 0.999
+                ok = vv > np.float32(0.999)
             vmask[y, x] = 255 if ok else 0
