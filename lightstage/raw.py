@@ -20,12 +20,15 @@ spelling in :mod:`lightstage.cfa`) takes the same road: normalised mosaic, exact
 saturation, HDR merge on the mosaic, then :func:`demosaic_planes`, which generalises the bilinear
 normalised convolution. Each colour is interpolated with the separable tent
 ``[1, 2, 1] x [1, 2, 1]`` (the bilinear kernel) normalised by the same tent applied to that
-colour's mask, ``sum(w m) / sum(w)``, measured photosites keeping their value. Every 3x3
-window of X-Trans holds all three colours, so the interior support stays 3x3 (the bilinear
-saturation rule of :func:`saturation_rgb` holds unchanged); the few border pixels whose window,
-clipped at the image edge, lacks a colour widen to the tent of radius 2, 3, ... (out-of-image
-photosites are ignored rather than mirrored, as mirroring breaks a 6x6 pattern's phase). For a
-2x2 Bayer CFA this is exactly the bilinear demosaic, which keeps its own faster code path.
+colour's mask, ``sum(w m) / sum(w)``, measured photosites keeping their value; every 3x3 window
+of X-Trans holds all three colours. The few border pixels whose window, clipped at the image
+edge, lacks a colour widen to the tent of radius 2, 3, ... (out-of-image photosites are ignored
+rather than mirrored, as mirroring breaks a 6x6 pattern's phase). Red and blue then add a
+correction from the dense green, after Malvar et al.: ``g (G^ - NC_C(G^))`` with ``g = 1/2``
+(:func:`_demosaic_periodic`); still linear in the data, it halves the X-Trans demosaic error on
+the twin's faces and widens the support to 5x5 (:func:`saturation_rgb` with ``cfa``). For a 2x2
+Bayer CFA the plain normalised convolution is exactly the bilinear demosaic, which keeps its own
+faster code path.
 
 An "already demosaiced" raw (linear DNG: three samples per pixel) is normalised per channel
 directly, with no demosaic. Only what is neither (four-colour CFAs, periods above 8, ...) falls
@@ -39,7 +42,8 @@ References
 LibRaw API notes (rawpy): ``raw_image_visible`` is a view into LibRaw's buffer: copy it before
 closing the file.
 Malvar, H., He, L., Cutler, R. (2004). High-quality linear interpolation for demosaicing of
-Bayer-patterned color images (bilinear baseline, section 2).
+Bayer-patterned color images, ICASSP 2004 (bilinear baseline, section 2; the gradient
+correction of one colour by another, with gains near 1/2, section 3).
 Knutsson, H., Westin, C.-F. (1993). Normalized and differential convolution. CVPR 1993
 (normalised convolution of sparse samples with an applicability function).
 Fujifilm X-Trans CFA (6x6 period) and DNG 1.4 CFARepeatPatternDim / CFAPattern: see
@@ -67,6 +71,7 @@ __all__ = [
     "demosaic_planes",
     "saturation_rgb",
     "mosaic_from_rgb",
+    "GUIDE_GAIN",
 ]
 
 _CFA = BAYER_PATTERNS
@@ -420,6 +425,7 @@ def _periodic_plan(cfa: str, H: int, W: int) -> _Plan:
 #: weight of the guide colour's correction (0: plain normalised convolution, 1: interpolate
 #: colour differences); 1/2 as in Malvar et al.'s gain for correcting green by red's Laplacian
 GUIDE_GAIN = 0.5
+_BAND_ROWS = 64
 
 
 def _demosaic_periodic(m: np.ndarray, cfa: str) -> list[np.ndarray]:
@@ -439,23 +445,34 @@ def _demosaic_periodic(m: np.ndarray, cfa: str) -> list[np.ndarray]:
     faces it halves the X-Trans demosaic error (tests/test_xtrans.py)."""
     H, W = m.shape
     plan = _periodic_plan(cfa, H, W)
-    out: list = [None] * 3
+    out = np.empty((3, H, W), np.float32)
+    g = np.float32(GUIDE_GAIN)
     order = ([plan.guide] if plan.guide >= 0 else []) + [c for c in range(3) if c != plan.guide]
-    for c in order:
+    for c in order:  # the guide first: the others read it
         guided = plan.guide >= 0 and c != plan.guide
-        g = np.float32(GUIDE_GAIN)
-        # D = (m - g G^) on C's photosites: NC_C(D) = NC_C(m) - g NC_C(G^)
-        d = cv2.multiply(cv2.scaleAdd(out[plan.guide], -g, m) if guided else m, plan.masks[c])
-        v = cv2.multiply(_conv0(d, plan.kernels[c]), plan.inv[c])  # inv: 0 where measured
-        for f in plan.fallbacks[c]:
-            v[f.out] += _conv0(np.ascontiguousarray(d[f.src]), _tent(f.radius))[f.crop] * f.inv
-        if guided:
-            v = cv2.scaleAdd(out[plan.guide], float(g), v)
-            cv2.copyTo(m, plan.measured[c], v)  # measured photosites keep their exact value
-        else:
-            v = cv2.add(v, d)  # + m at measured photosites (v is 0 there)
-        out[c] = v
-    return out
+        G = out[plan.guide] if guided else None
+        k, r = plan.kernels[c], plan.kernels[c].shape[0] // 2
+        # row bands: a band's few working planes stay in cache (2x faster at 24 MP than whole
+        # planes); each band reads r rows beyond it so that its own rows are exact
+        for y0 in range(0, H, _BAND_ROWS):
+            y1 = min(H, y0 + _BAND_ROWS)
+            a, b = max(0, y0 - r), min(H, y1 + r)
+            dst = out[c, y0:y1]
+            # D = (m - g G^) on C's photosites: NC_C(D) = NC_C(m) - g NC_C(G^)
+            d = cv2.multiply(cv2.scaleAdd(G[a:b], -g, m[a:b]) if guided else m[a:b],
+                             plan.masks[c, a:b])
+            cv2.multiply(_conv0(d, k)[y0 - a:y1 - a], plan.inv[c, y0:y1], dst=dst)  # 0 where measured
+            if guided:
+                cv2.scaleAdd(G[y0:y1], float(g), dst, dst=dst)
+                cv2.copyTo(m[y0:y1], plan.measured[c, y0:y1], dst)  # measured: exact value
+            else:
+                cv2.add(dst, d[y0 - a:y1 - a], dst=dst)  # + m at measured photosites
+        for f in plan.fallbacks[c]:  # the few border pixels with a widened tent
+            ms = m[f.src]
+            d = (ms - g * G[f.src] if guided else ms) * plan.masks[c][f.src]
+            out[c][f.out] += _conv0(np.ascontiguousarray(d, np.float32),
+                                    _tent(f.radius))[f.crop] * f.inv
+    return [out[0], out[1], out[2]]
 
 
 def demosaic_planes(mosaic: np.ndarray, cfa: str) -> list[np.ndarray]:
@@ -497,7 +514,7 @@ def demosaic_bilinear(mosaic: np.ndarray, cfa: str) -> np.ndarray:
     """
     m = np.asarray(mosaic, np.float32)
     if cfa not in _CFA:
-        return np.stack(_demosaic_periodic(m, cfa))
+        return np.stack(_demosaic_periodic(m, cfa))  # planes are views of one array: a copy
     H, W = m.shape
     masks = cfa_masks(cfa, H, W)
     out = np.empty((3, H, W), np.float32)
@@ -510,10 +527,10 @@ def saturation_rgb(saturated: np.ndarray, cfa: str | None = None) -> np.ndarray:
     """Pixel-level saturation after demosaic: a pixel is untrusted when any photosite of the
     demosaic's support around it is saturated. ``(H, W)`` bool.
 
-    The support is the 3x3 neighbourhood for Bayer (the bilinear kernels) and for the interior
-    of X-Trans; give ``cfa`` for another pattern so that the border pixels whose tent was widened
-    (:func:`demosaic_planes`), or a pattern needing a wider interior tent, count their whole
-    window."""
+    The support is the 3x3 neighbourhood for Bayer (the bilinear kernels; ``cfa`` None or a
+    Bayer pattern). Give ``cfa`` for any other pattern: for X-Trans the support is 5x5 in the
+    interior (green's 3x3 around each photosite of a 3x3 window, through the green guide) and
+    up to 7x7 at the few border pixels whose tent was widened (:func:`demosaic_planes`)."""
     s = np.asarray(saturated, np.uint8)
     if cfa is None or cfa in _CFA:
         return cv2.dilate(s, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REFLECT_101) > 0

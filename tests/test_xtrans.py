@@ -188,6 +188,18 @@ def test_demosaic_smooth_field_accurate():
     assert np.median(rel) < 3e-3 and np.percentile(rel, 99) < 0.04
 
 
+def test_demosaic_row_bands_do_not_change_the_result(monkeypatch):
+    """The demosaic runs in row bands (cache-sized); band edges must not show."""
+    import lightstage.raw as raw
+
+    mosaic = np.random.default_rng(9).random((150, 77), dtype=np.float32)
+    monkeypatch.setattr(raw, "_BAND_ROWS", 10_000)
+    whole = demosaic_bilinear(mosaic, XTRANS)
+    for rows in (1, 7, 64):
+        monkeypatch.setattr(raw, "_BAND_ROWS", rows)
+        np.testing.assert_array_equal(demosaic_bilinear(mosaic, XTRANS), whole)
+
+
 def test_demosaic_is_linear():
     """Superposition holds (OLATs are summed by relighting): demosaic(a x + b y) equals
     a demosaic(x) + b demosaic(y) to float32 rounding."""
