@@ -80,6 +80,29 @@ def test_tifffile_sees_dng_and_exif_tags(tmp_path):
         assert (cm_read @ d65).max() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_tifffile_sees_xtrans_and_linear_dng_tags(tmp_path):
+    """DNG 1.4 CFA tags of a 6x6 X-Trans mosaic, and a LinearRaw (demosaiced) DNG, as an
+    independent TIFF reader sees them."""
+    from lightstage.cfa import XTRANS, parse_cfa
+
+    a = _mosaic(36, 48)
+    write_dng(tmp_path / "x.dng", a, DNGMetadata(XTRANS, 64, 4095))
+    with tifffile.TiffFile(tmp_path / "x.dng") as t:
+        page = t.pages[0]
+        assert np.array_equal(page.asarray(), a)
+        tags = {tag.code: tag.value for tag in page.tags}
+        assert tags[262] == 32803 and tuple(tags[33421]) == (6, 6)
+        assert bytes(tags[33422]) == parse_cfa(XTRANS).tobytes()  # row-major 0 R, 1 G, 2 B
+    rgb = np.stack([_mosaic(20, 30, seed=k) for k in range(3)], -1)
+    write_dng(tmp_path / "l.dng", rgb, DNGMetadata(black_level=64, white_level=4095))
+    with tifffile.TiffFile(tmp_path / "l.dng") as t:
+        page = t.pages[0]
+        assert np.array_equal(page.asarray(), rgb)
+        tags = {tag.code: tag.value for tag in page.tags}
+        assert tags[262] == 34892 and tags[277] == 3  # LinearRaw, 3 samples per pixel
+        assert tuple(tags[50714]) == (64, 64, 64) and 33421 not in tags and 33422 not in tags
+
+
 def test_extremes_and_determinism(tmp_path):
     a = _mosaic(32, 32, 0, 65536, seed=3)
     a[0, 0], a[-1, -1] = 0, 65535
