@@ -512,6 +512,12 @@ def camera_task(spec: _TakeSpec, ci: int) -> dict[str, Any]:
         # up to a factor, so it is computed from these too
         return _develop(cam, fr, spec.check_hashes, spec.saturation_margin, gain)
 
+    if T == 0:
+        # a take without tracking frames (allowed only without motion compensation): there is
+        # nothing to measure a foreground from, so the mask keeps every pixel
+        write_image(g["mask"], (ci,), np.full((H, W), 255, np.uint8))
+        return {"camera": ci, "reference": None, "no_tracking": True, "bad": [], "ok": [],
+                "checksums": []}
     # reference: the central tracking frame, or the closest decodable one
     order = sorted(range(T), key=lambda j: (abs(j - spec.reference), j))
     ref = None
@@ -655,7 +661,7 @@ def olat_batch_task(spec: _TakeSpec, ci: int, lights: list[int],
     ``tracking`` is the camera's :func:`camera_task` result when this run computes it (the
     dependency that orders the two on a cluster); when its tracking phase found no decodable
     frame there is nothing to align with, which the driver reports once for the camera."""
-    if tracking is not None and tracking.get("reference") is None:
+    if tracking is not None and tracking.get("reference") is None and not tracking.get("no_tracking"):
         return []
     return [olat_task(spec, ci, li) for li in lights]
 
@@ -827,7 +833,8 @@ def _plan(man: CaptureManifest, cal: Calibration, store: str, cfg: IngestConfig,
             "config": cfg.fingerprint_dict(),
             "world2head_source": w2h_src,
             "tracking_normalisation": "tracking radiance / mean light_rgb (all lights at unit)",
-            "mask_rule": f"reference tracking luminance > {cfg.mask_threshold} x its 99.5th percentile",
+            "mask_rule": (f"reference tracking luminance > {cfg.mask_threshold} x its 99.5th percentile"
+                          if tracking else "every pixel (the take has no tracking frames)"),
             "flow_convention": "flow[c, j] (dx, dy): reference pixel x shows what frame j shows at "
                                "x + flow(x); stored as float16 on a grid subsampled by flow.attrs"
                                "['stride'], upsampled as flow.attrs['rule'] says",
@@ -855,13 +862,13 @@ def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int,
         dict(name="flow_valid", shape=(C, T, H, W), chunks=(1, 1, t, t), shards=(1, 1, Hs, Ws),
              dtype="uint8", compressors=zstd, fill_value=0,
              dimension_names=("camera", "tracking_frame", "y", "x")),
-        dict(name="tracking_ok", shape=(C, T), chunks=(1, T), dtype="uint8", fill_value=0,
+        dict(name="tracking_ok", shape=(C, T), chunks=(1, max(T, 1)), dtype="uint8", fill_value=0,
              dimension_names=("camera", "tracking_frame")),
         dict(name="tracking_done", shape=(C,), chunks=(C,), dtype="uint8", fill_value=0,
              dimension_names=("camera",)),
         dict(name="checksum", shape=(C, L), chunks=(C, L), dtype="uint64", fill_value=0,
              dimension_names=("camera", "light")),
-        dict(name="tracking_checksum", shape=(C, T), chunks=(C, T), dtype="uint64", fill_value=0,
+        dict(name="tracking_checksum", shape=(C, T), chunks=(C, max(T, 1)), dtype="uint64", fill_value=0,
              dimension_names=("camera", "tracking_frame")),
     ])
 
@@ -869,7 +876,7 @@ def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int,
 def _prepare_take(spec: _TakeSpec, attrs: dict, prov: dict, cfg: IngestConfig) -> tuple[zarr.Group, bool]:
     """Create the take, or reopen it for resume. Returns (group, resumed)."""
     store = spec.store
-    C, T, L = len(spec.cameras), max(len(spec.tracking), 1), len(spec.olat)
+    C, T, L = len(spec.cameras), len(spec.tracking), len(spec.olat)  # T = 0: no tracking frames
     H, W = spec.cameras[0].height, spec.cameras[0].width
     exists = False
     if Path(store).exists():
@@ -1037,7 +1044,6 @@ def ingest(capture: str | Path | list[str | Path], calibration: str | Path, out:
 
 def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed=True) -> int:
     C, L, T = len(spec.cameras), len(spec.olat), len(spec.tracking)
-    Tn = max(T, 1)
     if resumed:
         done = np.asarray(g["done"][...])
         tdone = np.asarray(g["tracking_done"][...])
@@ -1048,8 +1054,8 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed
         refs = list(g.attrs.get("reference_frames") or [None] * C)
     else:  # just created: every flag is 0 (no metadata round trips for what is known)
         done, tdone = np.zeros((C, L), np.uint8), np.zeros(C, np.uint8)
-        sums, tsums = np.zeros((C, L), np.uint64), np.zeros((C, Tn), np.uint64)
-        prev_ok = np.zeros((C, Tn), np.uint8)
+        sums, tsums = np.zeros((C, L), np.uint64), np.zeros((C, T), np.uint64)
+        prev_ok = np.zeros((C, T), np.uint8)
         prov, refs = {}, [None] * C
     skipped = list(prov.get("skipped") or [])
     serial = isinstance(client, _Serial)
@@ -1089,6 +1095,10 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed
                 record_bad(b)
             else:
                 report.errors.append(b["error"])
+        if res.get("no_tracking"):
+            tdone[ci] = 1
+            state["track"] = state["olat"] = True
+            return [(ci, li) for li in range(L) if done[ci, li] != DONE_WRITTEN]
         if res["reference"] is None:
             report.errors.append(f"{spec.group}: camera {spec.cameras[ci].name}: no tracking "
                                  "frame could be decoded; its OLATs were not ingested")

@@ -194,7 +194,7 @@ def create_take(
         dict(name="olat", shape=(C, L, 3, H, W), chunks=(1, 1, 3, t, t), shards=(1, 1, 3, Hs, Ws),
              dtype=dtype, compressors=_radiance_codec(dtype), fill_value=0,
              dimension_names=OLAT_DIMS),
-        dict(name="tracking", shape=(C, max(n_tracking, 1), 3, H, W), chunks=(1, 1, 3, t, t),
+        dict(name="tracking", shape=(C, n_tracking, 3, H, W), chunks=(1, 1, 3, t, t),
              shards=(1, 1, 3, Hs, Ws), dtype=dtype, compressors=_radiance_codec(dtype), fill_value=0,
              dimension_names=TRACKING_DIMS),
         dict(name="mask", shape=(C, H, W), chunks=(1, H, W), dtype="uint8",
