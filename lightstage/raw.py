@@ -263,18 +263,27 @@ def _postprocess_linear(raw, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """LibRaw demosaic with every non-linear step off; returns normalised camera RGB in [0, 1].
 
     LibRaw's own linear interpolation is asked for: it is linear in the data like ours, and
-    unlike its default X-Trans demosaic it accepts images under 512 pixels on a side."""
+    unlike its default X-Trans demosaic it accepts images under 512 pixels on a side. A
+    four-colour sensor (CMYG ...) has no three camera channels: LibRaw's linear conversion to
+    Rec.709 primaries (its camera matrix, still gamma 1 and unit white balance) stands in for
+    them, which the per-camera colour calibration then corrects like any camera RGB; its
+    saturation flags are approximate (a clipped photosite may be mixed below the white level)."""
     import rawpy
 
+    four = int(raw.num_colors) == 4
     try:
         rgb = raw.postprocess(
             gamma=(1, 1), no_auto_bright=True, output_bps=16, adjust_maximum_thr=0.0,
-            user_wb=[1.0, 1.0, 1.0, 1.0], user_flip=0, output_color=rawpy.ColorSpace.raw,
+            user_wb=[1.0, 1.0, 1.0, 1.0], user_flip=0,
+            output_color=rawpy.ColorSpace.sRGB if four else rawpy.ColorSpace.raw,
             use_camera_wb=False, use_auto_wb=False,
             demosaic_algorithm=rawpy.DemosaicAlgorithm.LINEAR,
         )
     except Exception as e:
         raise RawError(f"{path}: LibRaw demosaic failed ({type(e).__name__}: {e})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise RawError(f"{path}: LibRaw developed {rgb.shape}, expected (H, W, 3) "
+                       f"({raw.num_colors} colours {raw.color_desc.decode('ascii', 'replace')})")
     # LibRaw scales (DN - black) so that the white level maps to 65535
     sat = np.any(rgb >= 65535 - 64, axis=-1)
     return rgb.astype(np.float32) / np.float32(65535.0), sat

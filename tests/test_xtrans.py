@@ -155,6 +155,40 @@ def test_libraw_fallback_agrees_on_xtrans(tmp_path, monkeypatch):
     assert np.median(np.abs(theirs - ours)[inner] / ours[inner]) < 0.005
 
 
+def _four_colour_dng(path: Path, dn: np.ndarray) -> None:
+    """A 2x2 CMYG-type CFA DNG: our Bayer file with CFAPattern/CFAPlaneColor rewritten to the
+    DNG colour codes 3 cyan, 1 green, 5 yellow, 4 magenta (both 4-byte values sit inline in
+    IFD0, so the bytes are patched in place)."""
+    import struct
+
+    from lightstage.dng import encode_dng
+
+    b = bytearray(encode_dng(dn, DNGMetadata("RGGB", 64, 4095)))
+    off = struct.unpack_from("<I", b, 4)[0]
+    for i in range(struct.unpack_from("<H", b, off)[0]):
+        e = off + 2 + 12 * i
+        tag, typ, _ = struct.unpack_from("<HHI", b, e)
+        if tag in (33422, 50710):  # CFAPattern, CFAPlaneColor
+            struct.pack_into("<HHI", b, e, tag, typ, 4)
+            b[e + 8:e + 12] = bytes([3, 1, 5, 4])
+    path.write_bytes(bytes(b))
+
+
+def test_four_colour_cfa_falls_back_to_libraw_linear(tmp_path):
+    """A CFA we do not demosaic (four colours) is developed by LibRaw, still linear: doubling
+    the signal doubles the result, and three channels come back."""
+    dn = np.random.default_rng(6).integers(100, 1000, (40, 60)).astype(np.uint16)
+    _four_colour_dng(tmp_path / "a.dng", dn)
+    _four_colour_dng(tmp_path / "b.dng", ((dn - 64) * 2 + 64).astype(np.uint16))
+    with rawpy.imread(str(tmp_path / "a.dng")) as r:
+        assert r.num_colors == 4 and sorted(r.color_desc.decode()) == sorted("CMYG")
+    a, b = read_raw(tmp_path / "a.dng"), read_raw(tmp_path / "b.dng")
+    assert a.cfa is None and a.data.shape == (40, 60, 3) and a.saturated.shape == (40, 60)
+    ok = a.data > 1e-3
+    assert ok.mean() > 0.9
+    np.testing.assert_allclose(b.data[ok] / a.data[ok], 2.0, rtol=2e-3)
+
+
 # ---- demosaic -------------------------------------------------------------------------------
 
 
