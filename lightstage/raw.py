@@ -450,8 +450,9 @@ def _demosaic_periodic(m: np.ndarray, cfa: str) -> list[np.ndarray]:
     term cancels the error that C's sparse, off-centre samples make (at g = 1 the colour
     difference C - G is interpolated instead of C). It vanishes on flat colour, keeps measured
     photosites exact and keeps the result linear in the data (OLAT superposition holds); it widens
-    the support to 5x5 for X-Trans (:func:`saturation_rgb` with ``cfa``). On the digital twin's
-    faces it halves the X-Trans demosaic error (tests/test_xtrans.py)."""
+    the support to 5x5 for X-Trans (:func:`saturation_rgb` with ``cfa``). Measured: a
+    noise-free twin capture with X-Trans cameras ingests with median error 0.67 % (1.01 %
+    without it; tests/test_xtrans.py), colours sharing a texture with half the red/blue error."""
     H, W = m.shape
     plan = _periodic_plan(cfa, H, W)
     out = np.empty((3, H, W), np.float32)
