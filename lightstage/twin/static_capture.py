@@ -202,10 +202,6 @@ def write_static_capture(
     else:
         E_track = np.asarray(tracking_irradiance, dtype=np.float64).reshape(3)
     tex = radiance or (lambda ci: static_texture(height, width, ci))
-
-    root.mkdir(parents=True, exist_ok=True)
-    save_rig(r, root / "rig.json")
-    records = []
     per_cam = []  # radiance per unit light, once per camera (it is the same in every frame)
     for ci, cam in enumerate(r.cameras):
         a = np.asarray(tex(ci), dtype=np.float64)
@@ -213,6 +209,11 @@ def write_static_capture(
             raise ValueError(f"write_static_capture: radiance({ci}) for camera {cam.name} has "
                              f"shape {a.shape}, expected {(height, width, 3)}")
         per_cam.append(a)
+
+    # every argument checked: only now is anything written
+    root.mkdir(parents=True, exist_ok=True)
+    save_rig(r, root / "rig.json")
+    records = []
     for fr in seq:
         files = {}
         for ci, cam in enumerate(r.cameras):
