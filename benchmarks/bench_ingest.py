@@ -196,27 +196,6 @@ def _cpu_kernel(_):
     return x
 
 
-def _two_process_ceiling_compute(reps: int = 3) -> dict:
-    """The machine's 2-vs-1 process speed-up for compute-bound work (a Python loop), run
-    alongside: on a VM whose two vCPUs share a physical core or a busy host, even this is < 2."""
-    from multiprocessing import get_context
-
-    ratios = []
-    ctx = get_context("spawn")
-    for _ in range(reps):
-        t = {}
-        for n in (1, 2):
-            with ctx.Pool(n) as pool:
-                pool.map(_cpu_kernel, [0] * n)  # warm
-                t0 = time.perf_counter()
-                pool.map(_cpu_kernel, [0] * 4)
-                t[n] = time.perf_counter() - t0
-        ratios.append(t[1] / t[2])
-    return {"name": "two_process_ceiling_compute_bound", "ratio": max(ratios),
-            "goal": "(reference: the machine's own 2-vs-1 process ceiling for compute-bound work)",
-            "all": ratios, "load_avg": os.getloadavg()[0]}
-
-
 def _fused_vs_opencv(h: int, w: int, reps: int = 3) -> dict:
     """Per-frame develop + warp + float16 store of one 2-exposure bracket: the fused kernels
     (lightstage._fused) against the OpenCV reference path, same inputs, same process."""
@@ -277,11 +256,8 @@ def _fused_vs_opencv(h: int, w: int, reps: int = 3) -> dict:
             "max_abs_diff_rel_to_peak": float(diff.max()), "load_avg": os.getloadavg()[0]}
 
 
-def _two_process_ceiling(reps: int = 3) -> dict:
-    """What 2 processes can gain over 1 on this machine for memory-bound numpy work, measured
-    alongside: the two-worker ingest ratio should be read against it (on a 2-vCPU VM whose
-    memory bandwidth does not double with the second process, 1.8x is out of reach for any
-    image pipeline)."""
+def _two_process_ratio(kernel, reps: int) -> list[float]:
+    """t(1 process) / t(2 processes) for 4 calls of ``kernel``, ``reps`` times."""
     from multiprocessing import get_context
 
     ratios = []
@@ -290,13 +266,31 @@ def _two_process_ceiling(reps: int = 3) -> dict:
         t = {}
         for n in (1, 2):
             with ctx.Pool(n) as pool:
-                pool.map(_stream_kernel, [0] * n)  # warm
+                pool.map(kernel, [0] * n)  # warm
                 t0 = time.perf_counter()
-                pool.map(_stream_kernel, [0] * 4)
+                pool.map(kernel, [0] * 4)
                 t[n] = time.perf_counter() - t0
         ratios.append(t[1] / t[2])
+    return ratios
+
+
+def _two_process_ceiling(reps: int = 3) -> dict:
+    """What 2 processes can gain over 1 on this machine for memory-bound numpy work, measured
+    alongside: the two-worker ingest ratio should be read against it (on a 2-vCPU VM whose
+    memory bandwidth does not double with the second process, 1.8x is out of reach for any
+    image pipeline)."""
+    ratios = _two_process_ratio(_stream_kernel, reps)
     return {"name": "two_process_ceiling_memory_bound", "ratio": max(ratios),
             "goal": "(reference: the machine's own 2-vs-1 process ceiling for memory-bound numpy)",
+            "all": ratios, "load_avg": os.getloadavg()[0]}
+
+
+def _two_process_ceiling_compute(reps: int = 3) -> dict:
+    """The machine's 2-vs-1 process speed-up for compute-bound work (a Python loop), run
+    alongside: on a VM whose two vCPUs share a physical core or a busy host, even this is < 2."""
+    ratios = _two_process_ratio(_cpu_kernel, reps)
+    return {"name": "two_process_ceiling_compute_bound", "ratio": max(ratios),
+            "goal": "(reference: the machine's own 2-vs-1 process ceiling for compute-bound work)",
             "all": ratios, "load_avg": os.getloadavg()[0]}
 
 

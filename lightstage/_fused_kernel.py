@@ -40,10 +40,13 @@ def _reflect(i, n):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _demosaic_class(up, mid, dn, zu, zm, zd, px, W, r0, r1, r2, r3, g0, g1, g2, g3, b0, b1, b2,
-                    b3, iv, M, o0, o1, o2, bad):  # pragma: no cover - compiled
-    """One site class (columns px, px+2, ...) of one row: each colour is a fixed weighting of
-    the centre, horizontal pair, vertical pair and diagonal sums, so the loop has no branch."""
+def _demosaic_class(up, mid, dn, zu, zm, zd, px, W, wt, iv, M, o0, o1, o2, bad):  # pragma: no cover
+    """One site class (columns px, px+2, ...) of one row: each colour is a fixed weighting
+    ``wt[colour]`` of the centre, horizontal pair, vertical pair and diagonal sums, so the loop
+    has no branch."""
+    r0, r1, r2, r3 = wt[0, 0], wt[0, 1], wt[0, 2], wt[0, 3]
+    g0, g1, g2, g3 = wt[1, 0], wt[1, 1], wt[1, 2], wt[1, 3]
+    b0, b1, b2, b3 = wt[2, 0], wt[2, 1], wt[2, 2], wt[2, 3]
     m00 = M[0, 0]
     m01 = M[0, 1]
     m02 = M[0, 2]
@@ -103,6 +106,25 @@ def develop_bayer(dns, sats, a, b, e, shortest, cfa, inv_vig, M, out, bad, band)
         bf[k] = b[k]
         ef[k] = e[k]
     inv_es = np.float32(1.0) / ef[shortest]
+    # per site class (row parity, column parity): the weights of (centre, horizontal pair,
+    # vertical pair, diagonal sum) for R, G, B (Malvar et al. 2004's bilinear kernels)
+    wts = np.zeros((2, 2, 3, 4), np.float32)
+    for py in range(2):
+        for px in range(2):
+            c = cfa[py, px]
+            if c == 1:
+                wts[py, px, 1, 0] = 1.0
+                if cfa[py, 1 - px] == 0:  # R left/right, B above/below
+                    wts[py, px, 0, 1] = 0.5
+                    wts[py, px, 2, 2] = 0.5
+                else:
+                    wts[py, px, 0, 2] = 0.5
+                    wts[py, px, 2, 1] = 0.5
+            else:
+                wts[py, px, c, 0] = 1.0
+                wts[py, px, 1, 1] = 0.25
+                wts[py, px, 1, 2] = 0.25
+                wts[py, px, 2 - c, 3] = 0.25
     num = np.empty(W, np.float32)
     den = np.empty(W, np.float32)
     nbad = 0
@@ -141,30 +163,8 @@ def develop_bayer(dns, sats, a, b, e, shortest, cfa, inv_vig, M, out, bad, band)
             r = y - y0 + 1
             py = y & 1
             for px in range(2):
-                c = cfa[py, px]
-                # which neighbours hold which colour at this site class: (R, G, B) as weights
-                # of (centre, horizontal pair, vertical pair, diagonals)
-                if c == 1:
-                    if cfa[py, 1 - px] == 0:  # R left/right, B above/below
-                        wr = (0.0, 0.5, 0.0, 0.0)
-                        wb = (0.0, 0.0, 0.5, 0.0)
-                    else:
-                        wr = (0.0, 0.0, 0.5, 0.0)
-                        wb = (0.0, 0.5, 0.0, 0.0)
-                    wg = (1.0, 0.0, 0.0, 0.0)
-                elif c == 0:
-                    wr = (1.0, 0.0, 0.0, 0.0)
-                    wg = (0.0, 0.25, 0.25, 0.0)
-                    wb = (0.0, 0.0, 0.0, 0.25)
-                else:
-                    wb = (1.0, 0.0, 0.0, 0.0)
-                    wg = (0.0, 0.25, 0.25, 0.0)
-                    wr = (0.0, 0.0, 0.0, 0.25)
                 _demosaic_class(m[r - 1], m[r], m[r + 1], z[r - 1], z[r], z[r + 1], px, W,
-                                np.float32(wr[0]), np.float32(wr[1]), np.float32(wr[2]), np.float32(wr[3]),
-                                np.float32(wg[0]), np.float32(wg[1]), np.float32(wg[2]), np.float32(wg[3]),
-                                np.float32(wb[0]), np.float32(wb[1]), np.float32(wb[2]), np.float32(wb[3]),
-                                inv_vig[y], M, out[0, y], out[1, y], out[2, y], bad[y])
+                                wts[py, px], inv_vig[y], M, out[0, y], out[1, y], out[2, y], bad[y])
         for y in range(y0, y1):
             for x in range(W):
                 nbad += bad[y, x]
