@@ -11,8 +11,18 @@ from lightstage import _fused, align
 from lightstage.hdr import merge_raw_snr
 from lightstage.raw import demosaic_planes, saturation_rgb
 
-pytestmark = pytest.mark.skipif(not _fused.available(),
-                                reason=f"fused kernels unavailable: {_fused.why_unavailable()}")
+needs_kernels = pytest.mark.skipif(not _fused.available(),
+                                   reason=f"fused kernels unavailable: {_fused.why_unavailable()}")
+
+
+def test_kernels_available_where_numba_is_installed():
+    """A probe failure would silently put every ingest on the slower reference path."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("numba") is None or os.environ.get("LIGHTSTAGE_NO_NUMBA"):
+        pytest.skip("numba not installed or disabled")
+    assert _fused.available(), _fused.why_unavailable()
 
 
 def _reference(dns, sats, blacks, whites, exps, cfa, inv_vig, M):
@@ -36,6 +46,7 @@ def _bracket(H, W, K, seed, clip_all=True):
     return dns, sats, exps
 
 
+@needs_kernels
 @pytest.mark.parametrize("cfa", ["RGGB", "BGGR", "GRBG", "GBRG"])
 @pytest.mark.parametrize("shape,K", [((17, 23), 1), ((16, 30), 2), ((41, 9), 3)])
 def test_develop_matches_reference_path(cfa, shape, K):
@@ -53,6 +64,7 @@ def test_develop_matches_reference_path(cfa, shape, K):
     np.testing.assert_array_equal(bad.astype(bool), want_bad)
 
 
+@needs_kernels
 def test_develop_flat_colour_is_exact_at_borders():
     """A flat grey card through any CFA demosaics to the same value everywhere, borders
     included (the mirrored border keeps the pattern's parity)."""
@@ -71,6 +83,7 @@ def _smooth(H, W):
                      0.2 + 0.01 * x, 0.4 + 0.2 * np.cos((x + y) / 11.0)]).astype(np.float32)
 
 
+@needs_kernels
 def test_warp_of_a_ramp_is_exact_and_flags_outside():
     """out(x) = img(x + F(x)): a linear ramp moved by a constant sub-pixel flow is the ramp
     shifted (bilinear is exact on linear functions), and pixels whose source leaves the image
@@ -89,6 +102,7 @@ def test_warp_of_a_ramp_is_exact_and_flags_outside():
     np.testing.assert_array_equal(vm > 0, inside)
 
 
+@needs_kernels
 def test_warp_matches_opencv_reference_within_its_quantisation():
     """Against decode_flow + cv2.remap (which rounds the sampling position to 1/32 px): equal
     to within what that rounding moves a smooth image, validity identical."""
@@ -114,6 +128,7 @@ def test_warp_matches_opencv_reference_within_its_quantisation():
     assert vm[5, 5] == 0 and (vref == 0).sum() > W and (vm == 255).mean() > 0.8
 
 
+@needs_kernels
 def test_store_narrowing_clips_and_rounds_like_numpy():
     vals = np.array([0.0, 1e-8, 6.1e-5, 0.1, 1.0 / 3, 2048.5, 65504.0, 70000.0, -1e6], np.float32)
     img = np.tile(vals, (3, 1, 1))
