@@ -51,6 +51,20 @@ def reference(capture, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _dask_config_restored():
+    """``ingest(workers=N)`` sets Dask's configuration for the LocalCluster it starts process
+    wide: restore it after this module so later tests do not depend on the order they run in."""
+    import copy
+
+    import dask
+
+    saved = copy.deepcopy(dask.config.config)
+    yield
+    dask.config.config.clear()  # in place: dask.config.set holds this very dict
+    dask.config.config.update(saved)
+
+
 @pytest.fixture(scope="module")
 def other_client():
     """A LocalCluster and a Client entered as a context manager in this process, as a
