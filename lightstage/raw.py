@@ -437,14 +437,14 @@ GUIDE_GAIN = 0.5
 _BAND_ROWS = 64
 
 
-def _demosaic_periodic(m: np.ndarray, cfa: str) -> list[np.ndarray]:
+def _demosaic_periodic(m: np.ndarray, cfa: str, guide=None) -> list[np.ndarray]:
     """Normalised-convolution demosaic of any periodic three-colour CFA (module docstring).
 
     The guide colour (green: 20 of X-Trans's 36 photosites) is the plain normalised convolution
     ``G^``. Each other colour ``C`` adds a correction from it, after Malvar et al.'s gradient
     correction of bilinear demosaicing::
 
-        C^ = NC_C(m) + g (G^ - NC_C(G^)),   g = GUIDE_GAIN
+        C^ = NC_C(m) + g (G^ - NC_C(G^)),   g = guide (default GUIDE_GAIN; or one per colour)
 
     ``NC_C`` being the normalised convolution over C's photosites: where C varies like G, the
     term cancels the error that C's sparse, off-centre samples make (at g = 1 the colour
@@ -452,14 +452,18 @@ def _demosaic_periodic(m: np.ndarray, cfa: str) -> list[np.ndarray]:
     photosites exact and keeps the result linear in the data (OLAT superposition holds); it widens
     the support to 5x5 for X-Trans (:func:`saturation_rgb` with ``cfa``). Measured: a
     noise-free twin capture with X-Trans cameras ingests with median error 0.67 % (1.01 %
-    without it; tests/test_xtrans.py), colours sharing a texture with half the red/blue error."""
+    without it; tests/test_xtrans.py), colours sharing a texture with half the red/blue error.
+    But ChArUco corners refitted on X-Trans images come out better without it (the twin's demo
+    rig: camera centres <= 0.42 mm at ``guide=0`` vs 1.00 mm at 0.5, Bayer 0.41 mm): geometric
+    calibration should pass ``guide=0``."""
     H, W = m.shape
     plan = _periodic_plan(cfa, H, W)
     out = np.empty((3, H, W), np.float32)
-    g = np.float32(GUIDE_GAIN)
+    gains = np.broadcast_to(np.asarray(GUIDE_GAIN if guide is None else guide, np.float32), (3,))
     order = ([plan.guide] if plan.guide >= 0 else []) + [c for c in range(3) if c != plan.guide]
     for c in order:  # the guide first: the others read it
         guided = plan.guide >= 0 and c != plan.guide
+        g = gains[c]
         G = out[plan.guide] if guided else None
         k, r = plan.kernels[c], plan.kernels[c].shape[0] // 2
         # row bands: a band's few working planes stay in cache (2x faster at 24 MP than whole
@@ -485,7 +489,7 @@ def _demosaic_periodic(m: np.ndarray, cfa: str) -> list[np.ndarray]:
     return [out[0], out[1], out[2]]
 
 
-def demosaic_planes(mosaic: np.ndarray, cfa: str) -> list[np.ndarray]:
+def demosaic_planes(mosaic: np.ndarray, cfa: str, guide=None) -> list[np.ndarray]:
     """Demosaic as three ``(H, W)`` float32 planes (R, G, B); equal to
     :func:`demosaic_bilinear`.
 
@@ -493,12 +497,12 @@ def demosaic_planes(mosaic: np.ndarray, cfa: str) -> list[np.ndarray]:
     colour's photosites) is exactly 1 at every pixel, borders included: the bilinear kernels
     weigh each colour's neighbours to a sum of 1, and ``BORDER_REFLECT_101`` mirrors about the
     edge photosite, which keeps the pattern's parity. So one ``filter2D`` per colour suffices.
-    Other periodic CFAs (X-Trans) divide by the precomputed, periodic denominator instead (module
-    docstring)."""
+    Other periodic CFAs (X-Trans) divide by the precomputed, periodic denominator instead, and
+    take ``guide`` (module docstring; :func:`demosaic_bilinear`)."""
     m = np.asarray(mosaic, np.float32)
     H, W = m.shape
     if cfa not in _CFA:
-        return _demosaic_periodic(m, cfa)
+        return _demosaic_periodic(m, cfa, guide)
     if H < 2 or W < 2:
         return list(demosaic_bilinear(m, cfa))
     masks = _cfa_masks_cached(cfa, H, W)
@@ -506,7 +510,7 @@ def demosaic_planes(mosaic: np.ndarray, cfa: str) -> list[np.ndarray]:
                          borderType=cv2.BORDER_REFLECT_101) for c in range(3)]
 
 
-def demosaic_bilinear(mosaic: np.ndarray, cfa: str) -> np.ndarray:
+def demosaic_bilinear(mosaic: np.ndarray, cfa: str, guide=None) -> np.ndarray:
     """Bilinear demosaic of a float CFA mosaic.
 
     Parameters
@@ -515,6 +519,11 @@ def demosaic_bilinear(mosaic: np.ndarray, cfa: str) -> np.ndarray:
     cfa : CFA pattern from the top-left photosite: a Bayer ``"RGGB"`` ..., or X-Trans or any
         periodic pattern in :mod:`lightstage.cfa` spelling (normalised convolution with the
         bilinear tent, widened where a border window lacks a colour).
+    guide : float or (3,) floats, optional
+        Non-Bayer CFAs only: gain of the green-guided correction of red and blue (default
+        :data:`GUIDE_GAIN` = 0.5; 0 = plain normalised convolution, which geometric calibration
+        should use; the white balance ``neutral_c / neutral_G`` per colour interpolates colour
+        differences). Bayer patterns are always plain bilinear.
 
     Returns
     -------
@@ -524,7 +533,7 @@ def demosaic_bilinear(mosaic: np.ndarray, cfa: str) -> np.ndarray:
     """
     m = np.asarray(mosaic, np.float32)
     if cfa not in _CFA:
-        return np.stack(_demosaic_periodic(m, cfa))  # planes are views of one array: a copy
+        return np.stack(_demosaic_periodic(m, cfa, guide))  # planes are views of one array
     H, W = m.shape
     masks = cfa_masks(cfa, H, W)
     out = np.empty((3, H, W), np.float32)
