@@ -93,9 +93,12 @@ def decode_bracket(files: Sequence[tuple[str | Path, float | None, float | None]
     m = _merge([f.data for _, f, *_ in frames], [e for *_, e, _, _ in frames],
                [s for _, _, s, *_ in frames], weighting="snr")
     if f0.cfa is not None:
-        rgb = np.ascontiguousarray(np.moveaxis(demosaic_bilinear(m.radiance, f0.cfa), 0, -1))
-        sat = saturation_rgb(~m.valid)
-    else:  # LibRaw-demosaiced fallback (X-Trans, linear DNG): already (H, W, 3)
+        # guide=0: plain normalised convolution for X-Trans (its green-guided correction biases
+        # refitted board corners; Bayer is bilinear either way)
+        rgb = np.ascontiguousarray(np.moveaxis(
+            demosaic_bilinear(m.radiance, f0.cfa, guide=0.0), 0, -1))
+        sat = saturation_rgb(~m.valid, f0.cfa)
+    else:  # LibRaw-developed fallback (four-colour CFAs) or a linear DNG: already (H, W, 3)
         rgb, sat = m.radiance, ~m.valid
     k = int(np.argmin([e for *_, e, _, _ in frames]))
     return RawImage(rgb, sat, frames[k][4], frames[k][5], str(frames[k][0]))
