@@ -29,6 +29,8 @@ import threading
 
 import numpy as np
 
+from .cfa import BAYER_PATTERNS
+
 __all__ = ["available", "why_unavailable", "is_bayer", "develop_bayer", "warp_store", "BAND_ROWS"]
 
 #: rows per band of :func:`develop_bayer`: K uint16 + bool inputs and three float32 outputs of
@@ -96,15 +98,15 @@ def why_unavailable() -> str:
 
 
 def is_bayer(cfa: str | None) -> bool:
-    """Whether ``cfa`` is a 2x2 Bayer pattern :func:`develop_bayer` handles (other periodic
-    CFAs, X-Trans included, take the reference path)."""
-    return cfa is not None and len(cfa) == 4 and all(ch in _CFA_INDEX for ch in cfa.upper())
+    """Whether ``cfa`` is one of the four 2x2 Bayer patterns :func:`develop_bayer` handles
+    (other periodic CFAs, X-Trans included, take the reference path)."""
+    return cfa is not None and cfa.upper() in BAYER_PATTERNS
 
 
 def _cfa_index(cfa: str) -> np.ndarray:
-    c = cfa.upper()
-    if len(c) != 4 or any(ch not in _CFA_INDEX for ch in c):
+    if not is_bayer(cfa):
         raise ValueError(f"develop_bayer: not a 2x2 Bayer pattern: {cfa!r}")
+    c = cfa.upper()
     return np.array([[_CFA_INDEX[c[0]], _CFA_INDEX[c[1]]], [_CFA_INDEX[c[2]], _CFA_INDEX[c[3]]]],
                     np.int64)
 

@@ -410,7 +410,7 @@ def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
         merged = merge_raw_snr([r.data for r in raws], [r.black_map for r in raws],
                                [r.white for r in raws], [r.saturated for r in raws], exps)
         planes = demosaic_planes(merged.radiance, raws[0].cfa)
-        valid = None if merged.valid.all() else ~saturation_rgb(~merged.valid)
+        valid = None if merged.valid.all() else ~saturation_rgb(~merged.valid, raws[0].cfa)
     else:  # LibRaw-demosaiced fallback: (H, W, 3)
         merged = merge_bracket([r.data for r in raws], exps, [r.saturated for r in raws],
                                weighting="snr")
