@@ -653,16 +653,9 @@ def olat_task(spec: _TakeSpec, ci: int, li: int) -> dict[str, Any]:
     return {"camera": ci, "light": li, "checksum": image_checksum(stored, vmask)}
 
 
-def olat_batch_task(spec: _TakeSpec, ci: int, lights: list[int],
-                    tracking: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def olat_batch_task(spec: _TakeSpec, ci: int, lights: list[int]) -> list[dict[str, Any]]:
     """Several OLAT images of one camera in one task (:func:`olat_task` each): fewer tasks
-    for the scheduler, and consecutive lights share their tracking flows in the cache.
-
-    ``tracking`` is the camera's :func:`camera_task` result when this run computes it (the
-    dependency that orders the two on a cluster); when its tracking phase found no decodable
-    frame there is nothing to align with, which the driver reports once for the camera."""
-    if tracking is not None and tracking.get("reference") is None and not tracking.get("no_tracking"):
-        return []
+    for the scheduler, and consecutive lights share their tracking flows in the cache."""
     return [olat_task(spec, ci, li) for li in lights]
 
 
@@ -1172,18 +1165,22 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed
             return [(ci, lis[k:k + per]) for ci, lis in by_cam.items() for k in range(0, len(lis), per)]
 
         spec_f = client.scatter(spec, broadcast=True)
-        # Every task goes to the scheduler at once, each camera's OLAT batches depending on its
-        # tracking task: one graph update instead of one per camera result, and no driver
-        # round trip between a camera's tracking phase and its OLATs. Results are gathered a
-        # batch of finished futures at a time. (On 2 cores the driver's and scheduler's CPU per
-        # task is taken from the workers: it is what limits 2-vs-1 worker scaling.)
-        cam_f = {ci: client.submit(camera_task, spec_f, ci, pure=False) for ci in todo_cams}
-        todo = batches([(ci, li) for ci in range(C) for li in range(L) if done[ci, li] != DONE_WRITTEN])
-        submitted = {(ci, li) for ci, lis in todo for li in lis}
-        futs = list(cam_f.values())
-        if todo:
-            futs += client.map(olat_batch_task, [spec_f] * len(todo), [b[0] for b in todo],
-                               [b[1] for b in todo], [cam_f.get(b[0]) for b in todo], pure=False)
+        # Each camera's OLAT batches are submitted (one client.map: one graph update) when its
+        # tracking task reports. They then depend only on the scattered spec, which makes them
+        # "root-ish" to the scheduler: it queues them and hands the next one to whichever
+        # worker frees up, so the workers finish together. (Making them depend on the
+        # camera's future instead, to submit everything up front, let the scheduler assign
+        # them to workers eagerly: up to 20 % of a 2-worker run was one worker waiting for the
+        # other.) Results are gathered a batch of finished futures at a time.
+        def submit_olat(pairs):
+            todo = batches(pairs)
+            if not todo:
+                return []
+            return client.map(olat_batch_task, [spec_f] * len(todo), [b[0] for b in todo],
+                              [b[1] for b in todo], pure=False)
+
+        futs = [client.submit(camera_task, spec_f, ci, pure=False) for ci in todo_cams]
+        futs += submit_olat(ready)
         # as_completed tracks futures on default_client()'s loop unless told: with another
         # Client already open in this process (a notebook's, a benchmark's) that is a different
         # IO-loop thread, and the cross-thread race loses completions (hangs, tornado asserts)
@@ -1192,12 +1189,7 @@ def _run_take(spec, g, client, cfg, report, progress, done_count, total, resumed
         for fin in ac.batches():
             for res in client.gather(fin):
                 if isinstance(res, dict) and "reference" in res:
-                    # OLATs written by an interrupted run whose tracking frames have changed
-                    # since must be redone: the only ones not already submitted
-                    again = [(ci, li) for ci, li in handle_cam(res) if (ci, li) not in submitted]
-                    submitted.update(again)
-                    for ci, lis in batches(again):
-                        ac.add(client.submit(olat_batch_task, spec_f, ci, lis, pure=False))
+                    ac.update(submit_olat(handle_cam(res)))
                 else:
                     for r in res:
                         handle_olat(r)
