@@ -167,6 +167,13 @@ def _cfa_string(pattern: np.ndarray, desc: str) -> str | None:
     it is not a three-colour R/G/B pattern of period <= 8 (then LibRaw demosaics)."""
     if pattern is None or pattern.ndim != 2 or max(pattern.shape) > MAX_PERIOD:
         return None
+    # every file of a camera has the same pattern: spelled once per process (~0.1 ms a file)
+    return _cfa_string_cached(pattern.astype(np.int64).tobytes(), pattern.shape, desc)
+
+
+@lru_cache(maxsize=64)
+def _cfa_string_cached(pattern_bytes: bytes, shape: tuple[int, int], desc: str) -> str | None:
+    pattern = np.frombuffer(pattern_bytes, np.int64).reshape(shape)
     try:
         letters = np.array([desc[int(i)] for i in pattern.reshape(-1)])
     except IndexError:
