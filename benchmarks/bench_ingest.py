@@ -397,7 +397,8 @@ def main(quick: bool = False) -> list[dict]:
         rows.append(_writer_vs_zarr(h, w))
 
         rows.append(_two_process_ceiling(2 if quick else 3))
-        rows.append(_two_process_ceiling_compute(2 if quick else 3))
+        ceiling = _two_process_ceiling_compute(2 if quick else 3)
+        rows.append(ceiling)
         rows.append(_two_vs_one(cap, cal, tmp, "two_workers_vs_one",
                                 f"{n} OLATs + 2 tracking x 4 cameras, {h}x{w}"))
         if not quick:
@@ -407,6 +408,11 @@ def main(quick: bool = False) -> list[dict]:
             rows.append(_two_vs_one(cap64, cal64, tmp, "two_workers_vs_one_64_lights",
                                     f"demo rig (3-exposure brackets), 64 OLATs + 2 tracking x 4 "
                                     f"cameras, {h}x{w}"))
+        # the host's own 2-vs-1 for perfectly parallel work varies from run to run on a shared
+        # VM (1.3-2.0 measured): the ingest's ratio is also given relative to it
+        for r in rows:
+            if r["name"].startswith("two_workers_vs_one"):
+                r["relative_to_compute_ceiling"] = r["ratio"] / ceiling["ratio"]
         rows.append(_fused_vs_opencv(512, 512) if quick else _fused_vs_opencv(2160, 4096))
         if not quick:
             capL, calL = write_capture(tmp / "capL", 2160, 4096, 1, rig_name="lsx-331", n_cams=1)
