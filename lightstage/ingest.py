@@ -840,13 +840,13 @@ def _plan(man: CaptureManifest, cal: Calibration, store: str, cfg: IngestConfig,
     return spec, attrs, prov
 
 
-def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int,
-                  flow_stride: int = 1) -> None:
+def _extra_arrays(C: int, T: int, L: int, H: int, W: int, flow_stride: int = 1) -> list[dict]:
+    """The ingest's own arrays beside the store's standard ones (:func:`create_take`)."""
     t = default_tile(H, W)
     Hs, Ws = -(-H // t) * t, -(-W // t) * t
     zstd = [zarr.codecs.ZstdCodec(level=3)]
     h, w = align.flow_grid_shape(H, W, flow_stride)
-    create_arrays(g, [
+    return [
         dict(name="flow", shape=(C, T, 2, h, w), chunks=(1, 1, 2, h, w), dtype="float16",
              compressors=zstd, fill_value=0,
              dimension_names=("camera", "tracking_frame", "component", "fy", "fx"),
@@ -863,7 +863,7 @@ def _create_extra(g: zarr.Group, C: int, T: int, L: int, H: int, W: int,
              dimension_names=("camera", "light")),
         dict(name="tracking_checksum", shape=(C, T), chunks=(C, max(T, 1)), dtype="uint64", fill_value=0,
              dimension_names=("camera", "tracking_frame")),
-    ])
+    ]
 
 
 def _prepare_take(spec: _TakeSpec, attrs: dict, prov: dict, cfg: IngestConfig) -> tuple[zarr.Group, bool]:
@@ -892,8 +892,8 @@ def _prepare_take(spec: _TakeSpec, attrs: dict, prov: dict, cfg: IngestConfig) -
     g = create_take(store, spec.group.split("/")[0], spec.group.split("/")[1],
                     cameras=[c.name for c in spec.cameras], n_lights=L, n_tracking=T, height=H,
                     width=W, attrs=attrs, dtype=spec.dtype, scale=spec.scale,
-                    overwrite=cfg.overwrite)
-    _create_extra(g, C, T, L, H, W, cfg.flow_stride)
+                    overwrite=cfg.overwrite,
+                    extra_arrays=_extra_arrays(C, T, L, H, W, cfg.flow_stride))
     return g, False
 
 

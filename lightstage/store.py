@@ -166,11 +166,13 @@ def create_take(
     dtype: str = "float16",
     scale: float = 1.0,
     overwrite: bool = False,
+    extra_arrays: list[dict[str, Any]] | None = None,
 ) -> zarr.Group:
     """Create (or, with ``overwrite``, replace) one subject/take group and its empty arrays.
 
     An existing take is never replaced silently: without ``overwrite`` a :class:`StoreError`
-    names it. Other takes in the same store are never touched.
+    names it. Other takes in the same store are never touched. ``extra_arrays`` (keyword
+    arguments of ``Group.create_array`` with ``name``) are created alongside, concurrently.
     """
     if dtype not in ("float16", "float32"):
         raise StoreError(f"dtype must be float16 or float32, got {dtype!r}")
@@ -185,7 +187,12 @@ def create_take(
         if not overwrite:
             raise StoreError(f"{store_path}: take {path!r} exists (use overwrite to replace it)")
         del root[path]
-    g = root.require_group(subject).create_group(take)
+    a = dict(attrs)
+    a.update({"schema_version": SCHEMA_VERSION, "subject": subject, "take": take,
+              "cameras": list(cameras), "scale": float(scale)})
+    a.setdefault("colour_space", "linear Rec.709 (D65)")
+    # the take's metadata goes in with the group: one write, not one per key
+    g = root.require_group(subject).create_group(take, attributes=_jsonable(a))
     C, L, H, W = len(cameras), n_lights, height, width
     t = default_tile(H, W)
     # one shard per image: padded up to a whole number of chunks (zarr needs divisibility)
@@ -203,12 +210,7 @@ def create_take(
              dtype="uint8", compressors=_codec(), fill_value=0, dimension_names=VALID_DIMS),
         dict(name="done", shape=(C, L), chunks=(1, L), dtype="uint8", fill_value=0,
              dimension_names=DONE_DIMS),
-    ])
-    a = dict(attrs)
-    a.update({"schema_version": SCHEMA_VERSION, "subject": subject, "take": take,
-              "cameras": list(cameras), "scale": float(scale)})
-    a.setdefault("colour_space", "linear Rec.709 (D65)")
-    g.update_attributes(_jsonable(a))  # one write of the take's metadata, not one per key
+    ] + list(extra_arrays or []))
     return g
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from .. import align
 from ..calibfile import Calibration, load_calibration
 from ..imageio import ImageIOError, read_exr
-from ..ingest import (CHECKSUM_TEXT, DONE_WRITTEN, F16_MAX, IngestError, _create_extra,
+from ..ingest import (CHECKSUM_TEXT, DONE_WRITTEN, F16_MAX, IngestError, _extra_arrays,
                       image_checksum)
 from ..manifest import sha256_file
 from ..store import create_take, provenance
@@ -271,11 +271,11 @@ def import_faceolat(root: str | Path, out: str | Path, *, subject: str | None = 
                    "done_codes": {"0": "to do", "1": "written", "2": "skipped (bad input)"},
                    "checksum": CHECKSUM_TEXT},
     }
-    g = create_take(out, tree.subject, take, cameras=tree.cameras, n_lights=len(lights),
-                    n_tracking=max(len(tracking), 1), height=H, width=W, attrs=attrs, dtype=dtype,
-                    scale=scale, overwrite=overwrite)
     C, T, L = len(tree.cameras), max(len(tracking), 1), len(lights)
-    _create_extra(g, C, T, L, H, W, flow_stride)
+    g = create_take(out, tree.subject, take, cameras=tree.cameras, n_lights=L,
+                    n_tracking=T, height=H, width=W, attrs=attrs, dtype=dtype,
+                    scale=scale, overwrite=overwrite,
+                    extra_arrays=_extra_arrays(C, T, L, H, W, flow_stride))
     g.attrs["provenance"] = json.loads(json.dumps(provenance(
         source=str(tree.root), inputs_sha256=inputs, skipped=skipped), default=str))
 
