@@ -43,6 +43,7 @@ __all__ = [
     "REC709_TO_XYZ",
     "XYZ_TO_REC709",
     "CFA_COLOURS",
+    "MIN_SIDE",
     "colour_tags_from_response",
     "write_dng",
     "encode_dng",
@@ -53,6 +54,10 @@ REC709_TO_XYZ = np.array(
     [[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]
 )
 XYZ_TO_REC709 = np.linalg.inv(REC709_TO_XYZ)
+
+#: the smallest width/height LibRaw accepts as a raw image (dcraw's identify: ``height < 22 ||
+#: width < 22`` -> not raw)
+MIN_SIDE = 22
 
 #: CFA letter -> DNG CFAPattern colour code (0 red, 1 green, 2 blue)
 CFA_COLOURS = {"R": 0, "G": 1, "B": 2}
@@ -195,6 +200,10 @@ def _validate(cfa: np.ndarray, meta: DNGMetadata) -> np.ndarray:
             raise DNGError(f"{name} must be positive, got {v}")
     if not 0 < int(meta.iso) <= 65535:
         raise DNGError(f"iso must be in 1..65535, got {meta.iso}")
+    if min(cfa.shape[:2]) < MIN_SIDE:
+        # LibRaw (dcraw's identify) treats anything smaller as "not a raw file"
+        raise DNGError(f"image is {cfa.shape[1]}x{cfa.shape[0]}: LibRaw (rawpy) reads no raw image "
+                       f"under {MIN_SIDE} pixels on a side")
     return np.ascontiguousarray(cfa, dtype="<u2")
 
 

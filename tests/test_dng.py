@@ -93,7 +93,7 @@ def test_tifffile_sees_xtrans_and_linear_dng_tags(tmp_path):
         tags = {tag.code: tag.value for tag in page.tags}
         assert tags[262] == 32803 and tuple(tags[33421]) == (6, 6)
         assert bytes(tags[33422]) == parse_cfa(XTRANS).tobytes()  # row-major 0 R, 1 G, 2 B
-    rgb = np.stack([_mosaic(20, 30, seed=k) for k in range(3)], -1)
+    rgb = np.stack([_mosaic(24, 30, seed=k) for k in range(3)], -1)
     write_dng(tmp_path / "l.dng", rgb, DNGMetadata(black_level=64, white_level=4095))
     with tifffile.TiffFile(tmp_path / "l.dng") as t:
         page = t.pages[0]
@@ -156,3 +156,16 @@ def test_real_dng_rewritten_reads_identically(real_data, tmp_path):
         assert list(r.black_level_per_channel) == [black] * 4
         np.testing.assert_allclose(np.asarray(r.camera_whitebalance[:3]) / r.camera_whitebalance[1],
                                    wb / wb[1], rtol=1e-4)
+
+
+def test_images_libraw_cannot_read_are_refused_by_name(tmp_path):
+    """LibRaw treats a raw image under 22 pixels on a side as "not a raw file": the writer
+    refuses it with that reason instead of leaving a file no decoder of ours can open."""
+    import rawpy
+
+    with pytest.raises(DNGError, match="under 22 pixels"):
+        write_dng(tmp_path / "s.dng", _mosaic(16, 40), DNGMetadata("RGGB", 64, 4095))
+    assert not (tmp_path / "s.dng").exists()
+    write_dng(tmp_path / "ok.dng", _mosaic(22, 22), DNGMetadata("RGGB", 64, 4095))
+    with rawpy.imread(str(tmp_path / "ok.dng")) as r:  # the smallest size LibRaw takes
+        assert r.raw_image_visible.shape == (22, 22)
