@@ -1,9 +1,9 @@
 """``ls-ingest``: raw multi-view OLAT captures -> calibrated, motion-compensated Zarr v3 store.
 
-Per image (one camera, one frame) the pipeline is (fused into a few OpenCV passes per plane:
-normalisation inside the merge, the demosaic's normalised convolution reduced to one filter per
-colour, vignetting, colour matrix, per-unit-light and storage scale folded into one 3x3 mix,
-float16 conversion by OpenCV)::
+Per image (one camera, one frame) the pipeline is (for Bayer brackets two cache-blocked passes
+of :mod:`lightstage._fused`: merge + demosaic + vignetting + colour matrix, with the
+per-unit-light and storage scale folded into the 3x3 mix, then warp + float16 + validity; the
+OpenCV path it is checked against serves X-Trans, other CFAs and machines without numba)::
 
     raw DNG bracket --rawpy--> normalised CFA mosaics + saturation masks     (lightstage.raw)
       --merge (exposure x gain normalised, saturation aware)--> HDR mosaic   (lightstage.hdr)
@@ -18,7 +18,9 @@ Scheduling. Work is split into one task per camera (its tracking frames: decode,
 from the reference to every tracking frame, stored motion-compensated with the flows and a
 foreground mask) and one task per (camera, OLAT frame) (decode, merge, colour, warp with the
 flow interpolated in time); on a Dask cluster a few OLAT images of one camera go in one task
-(:func:`olat_batch_task`) so the scheduler's per-task cost stays small next to the work. Each
+(:func:`olat_batch_task`) so the scheduler's per-task cost stays small next to the work, and a
+camera's OLAT tasks are submitted together when its tracking task reports (they depend only on
+the scattered take spec, so the scheduler queues them and hands them to free workers). Each
 task writes whole shards only (one image = one shard, through
 :func:`lightstage.store.write_image`, which encodes the shard itself and renames it into place,
 ~2x faster than zarr's own write path and byte-identical to it), so no two writers ever touch
@@ -48,7 +50,8 @@ Arrays added by ingest next to the store's standard ones (``lightstage.store``):
 
 Conventions recorded in the attributes (``ingest``): the tracking frames are stored aligned to
 the reference and divided by the mean light rgb; ``mask`` is 255 where the reference tracking
-frame's luminance exceeds ``mask_threshold`` x its 99.5th percentile.
+frame's luminance exceeds ``mask_threshold`` x its 99.5th percentile (255 everywhere for a take
+without tracking frames, which only ``motion=False`` accepts).
 
 References
 ----------
