@@ -38,7 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["MergeResult", "merge_bracket", "merge_raw_snr", "debevec_weight", "WEIGHTINGS"]
+__all__ = ["MergeResult", "merge_bracket", "merge_raw_snr", "debevec_weight", "WEIGHTINGS",
+           "colour_hdri_stack"]
 
 WEIGHTINGS = ("snr", "debevec")
 _EPS = float(np.finfo(np.float64).eps)  # colour-science's EPSILON (float64 machine eps)
@@ -275,3 +276,27 @@ def _merge_debevec(values, e, with_valid: bool = True) -> MergeResult:
         if with_valid:
             valid[sl] = vis if vis.ndim == 2 else vis.all(axis=-1)
     return MergeResult(out, valid)
+
+
+def colour_hdri_stack(images: Sequence[np.ndarray], exposure_times: Sequence[float],
+                      f_number: float = 8.0, iso: float = 100.0):
+    """A ``colour_hdri`` ``ImageStack`` of in-memory images (the reference our merge is checked
+    and benchmarked against; ``colour_hdri.image_stack_to_HDRI`` consumes it, so build one per
+    call). Requires the optional ``colour-hdri`` package.
+
+    Parameters
+    ----------
+    images : ``(H, W, 3)`` images in [0, 1], colour-hdri's order (shortest exposure first).
+    exposure_times : seconds, one per image.
+    """
+    from colour_hdri.utilities.image import Image, ImageStack, Metadata
+
+    stack = ImageStack()
+    for im, t in zip(images, exposure_times):
+        i = Image()
+        i.data = np.array(im, copy=True)
+        i.metadata = Metadata(f_number=f_number, exposure_time=t, iso=iso, black_level=None,
+                              white_level=None, white_balance_multipliers=None)
+        i.path = "mem"
+        stack.append(i)
+    return stack

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from lightstage.hdr import merge_bracket
+from lightstage.hdr import colour_hdri_stack, merge_bracket
 
 
 def _bracket(rad, times, white=1.0):
@@ -67,20 +67,12 @@ def test_input_errors():
 def test_debevec_weighting_equals_colour_hdri():
     ch = pytest.importorskip("colour_hdri")
     from colour_hdri.exposure import average_luminance
-    from colour_hdri.utilities.image import Image, ImageStack, Metadata
 
     rng = np.random.default_rng(2)
     rad = np.exp(rng.normal(0, 1.5, (48, 64, 3))) * 0.05
     times = [1 / 240, 1 / 60, 1 / 15]  # colour-hdri's order: shortest first
     imgs = [np.clip(rad * t * 30, 0, 1) for t in times]
-    stack = ImageStack()
-    for im, t in zip(imgs, times):
-        i = Image()
-        i.data = im.copy()
-        i.metadata = Metadata(f_number=8.0, exposure_time=t, iso=100, black_level=None,
-                              white_level=None, white_balance_multipliers=None)
-        i.path = "mem"
-        stack.append(i)
+    stack = colour_hdri_stack(imgs, times)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = ch.image_stack_to_HDRI(stack, ch.weighting_function_Debevec1997)
