@@ -360,10 +360,16 @@ def _read_checked(path: str, sha: str | None, check: bool, margin: float | None)
     if not p.exists():
         raise RawError(f"{p}: no such raw file")
     if check and sha:
-        got = sha256_file(p)
+        # read once: the bytes that were hashed are the bytes decoded
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise RawError(f"{p}: cannot read ({e})") from None
+        got = hashlib.sha256(data).hexdigest()
         if got != sha:
             raise RawError(f"{p}: sha256 mismatch (file is {got[:12]}..., manifest says "
                            f"{sha[:12]}...): corrupt or truncated")
+        return read_raw(p, margin=margin, normalise=False, data=data)
     return read_raw(p, margin=margin, normalise=False)
 
 

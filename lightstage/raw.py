@@ -52,6 +52,7 @@ Fujifilm X-Trans CFA (6x6 period) and DNG 1.4 CFARepeatPatternDim / CFAPattern: 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -186,15 +187,19 @@ def _cfa_string_cached(pattern_bytes: bytes, shape: tuple[int, int], desc: str) 
     return cfa_string(idx)
 
 
-def read_raw(path: str | Path, margin: float | None = None, normalise: bool = True) -> RawFrame:
+def read_raw(path: str | Path, margin: float | None = None, normalise: bool = True,
+             data: bytes | None = None) -> RawFrame:
     """Decode a camera raw file (anything LibRaw reads) to a normalised linear mosaic.
 
     Parameters
     ----------
-    path : path of the raw file.
+    path : path of the raw file (named in errors; read unless ``data`` is given).
     margin : float, optional
         Saturation margin in DN (default: 0.5 % of the white-black range, at least 1 DN, so
         photosites within a hair of the white level are not trusted).
+    data : bytes, optional
+        The file's bytes, already read (e.g. to check its hash): decoded from memory, so the
+        file is read once.
 
     Raises
     ------
@@ -204,10 +209,10 @@ def read_raw(path: str | Path, margin: float | None = None, normalise: bool = Tr
     import rawpy
 
     path = Path(path)
-    if not path.exists():
+    if data is None and not path.exists():
         raise RawError(f"{path}: no such raw file")
     try:
-        raw = rawpy.imread(str(path))
+        raw = rawpy.imread(str(path) if data is None else io.BytesIO(data))
     except Exception as e:  # LibRaw raises several types (LibRawFileUnsupportedError, IOError ...)
         raise RawError(f"{path}: cannot decode raw file ({type(e).__name__}: {e})") from None
     try:
