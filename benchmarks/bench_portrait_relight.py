@@ -117,7 +117,7 @@ def main(quick: bool = False) -> list[dict]:
     from lightstage.envmap import builtin_environment
     from lightstage.relight import light_weights, weights_for_rotations
     from model.bundle import label_rays, load_bundle
-    from model.portrait import invert_portrait, prepare, render_basis, PortraitSource
+    from model.portrait import invert_portrait, prepare, PortraitSource
     from model.relight_model import PriorGeometry, relight_rays
 
     photo = _photo()

@@ -121,7 +121,7 @@ def main(quick: bool = False) -> list[dict]:
     moved16 = olat16.nbytes + out.nbytes
     bw16 = moved16 / t16
     rows.append({"name": "olat-f16", "ratio": bw16 / copy_bw, "goal": ">= 0.7 of copy bandwidth",
-                 "path": "fused numba kernel" if fused else f"torch fallback ({_half._STATE.get('why')})",
+                 "path": "fused numba kernel" if fused else f"torch fallback ({_half.why_unavailable()})",
                  "threads": _half.default_threads(), "bytes": moved16, "seconds": t16,
                  "GB_per_s": bw16 / 1e9, "copy_GB_per_s": copy_bw / 1e9,
                  "ratio_vs_2thread_copy": bw16 / copy2_bw,

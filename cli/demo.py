@@ -293,7 +293,7 @@ def run_demo(out: Path, quick: bool, seed: int, console: Console, model_dir: str
 
     # ---- 5. portrait from a single image ---------------------------------------------------
     t0 = time.perf_counter()
-    from model.bundle import DEFAULT_BUNDLE, BundleConfig, BundleError, build_bundle, load_bundle
+    from model.bundle import BundleConfig, BundleError, build_bundle, load_bundle
     from model.portrait import twin_evaluation
 
     try:

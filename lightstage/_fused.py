@@ -24,11 +24,9 @@ Bayer-patterned color images (the bilinear kernels).
 
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
 
+from ._probe import VerifiedKernel
 from .cfa import BAYER_PATTERNS
 
 __all__ = ["available", "why_unavailable", "is_bayer", "develop_bayer", "warp_store", "BAND_ROWS"]
@@ -37,8 +35,6 @@ __all__ = ["available", "why_unavailable", "is_bayer", "develop_bayer", "warp_st
 #: 16 rows of a 4096-pixel image stay within a 1 MB L2 cache
 BAND_ROWS = 16
 
-_LOCK = threading.Lock()
-_STATE: dict = {}
 
 _CFA_INDEX = {"R": 0, "G": 1, "B": 2}
 
@@ -77,24 +73,18 @@ def _build():
     return k
 
 
+_KERNELS = VerifiedKernel(_build)
+
+
 def available() -> bool:
     """Whether the compiled kernels can be used (numba present, kernels verified)."""
-    with _LOCK:
-        if "k" not in _STATE:
-            if os.environ.get("LIGHTSTAGE_NO_NUMBA"):
-                _STATE["k"], _STATE["why"] = None, "disabled by LIGHTSTAGE_NO_NUMBA"
-            else:
-                try:
-                    _STATE["k"], _STATE["why"] = _build(), ""
-                except Exception as e:  # no numba, or an LLVM/CPU without half support
-                    _STATE["k"], _STATE["why"] = None, f"{type(e).__name__}: {e}"
-        return _STATE["k"] is not None
+    return _KERNELS.available()
 
 
 def why_unavailable() -> str:
     """Empty when :func:`available`, else the reason."""
     available()
-    return _STATE.get("why", "")
+    return _KERNELS.why
 
 
 def is_bayer(cfa: str | None) -> bool:
@@ -153,7 +143,7 @@ def develop_bayer(dns, saturated, blacks, whites, exposures, cfa: str, inv_vig: 
     """
     if not available():
         raise RuntimeError(f"fused kernels unavailable: {why_unavailable()}")
-    return _develop_with(_STATE["k"], dns, saturated, blacks, whites, exposures, cfa, inv_vig, M)
+    return _develop_with(_KERNELS.kernel, dns, saturated, blacks, whites, exposures, cfa, inv_vig, M)
 
 
 def warp_store(planes: np.ndarray, grid: np.ndarray | None, stride: int, cons: np.ndarray | None,
@@ -175,7 +165,7 @@ def warp_store(planes: np.ndarray, grid: np.ndarray | None, stride: int, cons: n
     """
     if not available():
         raise RuntimeError(f"fused kernels unavailable: {why_unavailable()}")
-    k = _STATE["k"]
+    k = _KERNELS.kernel
     planes = np.ascontiguousarray(planes, np.float32)
     _, H, W = planes.shape
     if grid is None:

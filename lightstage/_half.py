@@ -23,10 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["available", "combine_f16", "default_threads"]
+from ._probe import VerifiedKernel
+
+__all__ = ["available", "why_unavailable", "combine_f16", "default_threads"]
 
 _LOCK = threading.Lock()
-_STATE: dict = {}
 
 
 def _build():
@@ -44,18 +45,18 @@ def _build():
     return kernel
 
 
+_KERNEL = VerifiedKernel(_build)
+
+
 def available() -> bool:
     """Whether the compiled float16 kernel can be used here (numba present, kernel verified)."""
-    with _LOCK:
-        if "kernel" not in _STATE:
-            if os.environ.get("LIGHTSTAGE_NO_NUMBA"):
-                _STATE["kernel"], _STATE["why"] = None, "disabled by LIGHTSTAGE_NO_NUMBA"
-            else:
-                try:
-                    _STATE["kernel"], _STATE["why"] = _build(), ""
-                except Exception as e:  # no numba, or no half support in this LLVM/CPU
-                    _STATE["kernel"], _STATE["why"] = None, f"{type(e).__name__}: {e}"
-        return _STATE["kernel"] is not None
+    return _KERNEL.available()
+
+
+def why_unavailable() -> str:
+    """Empty when :func:`available`, else the reason."""
+    available()
+    return _KERNEL.why
 
 
 def default_threads() -> int:
@@ -96,9 +97,9 @@ def combine_f16(x: np.ndarray, w: np.ndarray, out: np.ndarray, threads: int | No
     pixels for one weight set, fewer for several so that ``N x block`` floats stay ~64 KB).
     Call :func:`available` first.
     """
-    kernel = _STATE.get("kernel")
+    kernel = _KERNEL.kernel
     if kernel is None:
-        raise RuntimeError(f"float16 kernel unavailable ({_STATE.get('why', 'not built')})")
+        raise RuntimeError(f"float16 kernel unavailable ({_KERNEL.why})")
     if x.dtype != np.float16 or x.ndim != 3 or x.shape[1] != 3:
         raise ValueError(f"x must be (L, 3, P) float16, got {x.shape} {x.dtype}")
     if out.dtype != np.float32 or not out.flags.c_contiguous:

@@ -63,7 +63,6 @@ time-multiplexed illumination. SIGGRAPH.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 import uuid
@@ -82,7 +81,7 @@ from .hdr import merge_bracket, merge_raw_snr
 from .manifest import CaptureManifest, find_manifests, load_manifest, sha256_file
 from .raw import RawError, RawFrame, demosaic_planes, read_raw, saturation_rgb
 from .rig import rig_to_dict
-from .store import (STORE_FORMAT, StoreError, create_arrays, create_take, default_tile,
+from .store import (STORE_FORMAT, create_take, default_tile,
                     list_takes, provenance, write_image)
 
 __all__ = [
@@ -375,16 +374,15 @@ def _read_checked(path: str, sha: str | None, check: bool, margin: float | None)
 
 def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
              saturation_margin: float | None = None,
-             gain: np.ndarray | None = None, fused: bool = True) -> tuple[Any, np.ndarray | None]:
+             gain: np.ndarray | None = None) -> tuple[Any, np.ndarray | None]:
     """Decode, merge, demosaic, de-vignette and colour-correct one camera's frame.
 
     Returns three ``(H, W)`` float32 planes ``diag(gain) @ M @ (camera RGB / vignetting)`` (a
     list, or a ``(3, H, W)`` array from the fused kernel) and the pixel validity (``(H, W)``
     bool, or None when every pixel is valid). ``gain`` (3,) folds the per-unit-light and
     storage scale into the colour matrix, so a stored image costs no extra pass for them.
-    ``fused=False`` forces the OpenCV reference path (the fused kernel is used for Bayer
-    brackets with scalar black levels and a 3x3 matrix when :mod:`lightstage._fused` is
-    available)."""
+    The fused kernel serves Bayer brackets with scalar black levels and a 3x3 matrix when
+    :mod:`lightstage._fused` is available; everything else takes the OpenCV path."""
     if not frame.files:
         raise RawError(f"frame {frame.index}: no files for camera {cam.name}")
     raws, exps = [], []
@@ -406,7 +404,7 @@ def _develop(cam: _CamSpec, frame: _FrameSpec, check_hashes: bool = True,
     inv_vig = vig[1]
     method = (cal.colour_method or "matrix-3x3").lower()
     g3 = np.ones(3, np.float64) if gain is None else np.asarray(gain, np.float64).reshape(3)
-    if (fused and method in ("matrix-3x3", "matrix", "3x3") and _fused.is_bayer(raws[0].cfa)
+    if (method in ("matrix-3x3", "matrix", "3x3") and _fused.is_bayer(raws[0].cfa)
             and all(r.data.dtype == np.uint16 and np.ndim(r.black_map) == 0 for r in raws)
             and _fused.available()):
         # one cache-blocked pass (lightstage._fused): same numbers to float32 rounding

@@ -21,7 +21,7 @@ import zarr
 from lightstage import align
 from lightstage.calibfile import CameraCalibration, save_calibration
 from lightstage.camera import project
-from lightstage.ingest import (DONE_SKIPPED, DONE_WRITTEN, IngestConfig, IngestError,
+from lightstage.ingest import (DONE_WRITTEN, IngestConfig, IngestError,
                                apply_colour, ingest, read_flow, verify_store, vignetting_map)
 from lightstage.rig import builtin_rig
 from lightstage.store import open_take

@@ -120,7 +120,6 @@ def test_cli_input_env_puts_outputs_in_the_photos_exposure(tmp_path):
     cbook = pytest.importorskip("matplotlib.cbook")
     from cli.relight import main
     from lightstage.imageio import read_exr
-    from model.face import load_portrait
 
     path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
     out = tmp_path / "o"

@@ -19,7 +19,7 @@ from model.olat_data import DataConfig, OlatDataset, make_splits
 from model.reflectance import ReflectanceConfig
 from model.relight_model import DensityGeometry
 from model.train_reflectance import (ReflectanceTrainer, TrainConfig, load_reflectance, radiance_scale_of,
-                                     reflectance_loss, save_reflectance)
+                                     reflectance_loss)
 from test_reflectance import head_density, write_sphere_store
 
 

@@ -207,7 +207,7 @@ def _half_kernel_or_skip():
     from lightstage import _half
 
     if not _half.available():
-        pytest.skip(f"fused float16 kernel unavailable: {_half._STATE.get('why')}")
+        pytest.skip(f"fused float16 kernel unavailable: {_half.why_unavailable()}")
     return _half
 
 

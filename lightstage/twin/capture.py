@@ -45,7 +45,7 @@ import os
 import shutil
 import zipfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterable

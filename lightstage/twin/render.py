@@ -67,7 +67,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scipy.ndimage import minimum_filter
 
 from lightstage.camera import project, undistort_normalised
 from lightstage.rig import Camera
