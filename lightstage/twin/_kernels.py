@@ -680,6 +680,33 @@ def star_march(o, d, t_start, t_end, max_steps, polish, near, relax0, c, geo, R,
     return out
 
 
+@nb.njit(inline="always", error_model="numpy")
+def _plane_hit(xy, Jinv, iy, ix, ddx, ddy, Rc, origin, Rb, tb, z0, z1, z2, tz, size):
+    """Board coordinates (lx, ly) where the sub-sample (ddx, ddy) of pixel (iy, ix) hits the
+    plane's printed face, and whether it does (in front of the camera, inside ``size``)."""
+    x = xy[iy, ix, 0] + Jinv[iy, ix, 0, 0] * ddx + Jinv[iy, ix, 0, 1] * ddy
+    y = xy[iy, ix, 1] + Jinv[iy, ix, 1, 0] * ddx + Jinv[iy, ix, 1, 1] * ddy
+    d0 = Rc[0, 0] * x + Rc[0, 1] * y + Rc[0, 2]
+    d1 = Rc[1, 0] * x + Rc[1, 1] * y + Rc[1, 2]
+    d2 = Rc[2, 0] * x + Rc[2, 1] * y + Rc[2, 2]
+    dn = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+    d0, d1, d2 = d0 / dn, d1 / dn, d2 / dn
+    den = d0 * z0 + d1 * z1 + d2 * z2
+    if not den > 1e-9:
+        return False, 0.0, 0.0
+    s = tz / den
+    if not s > 0:
+        return False, 0.0, 0.0
+    p0 = origin[0] + s * d0 - tb[0]
+    p1 = origin[1] + s * d1 - tb[1]
+    p2 = origin[2] + s * d2 - tb[2]
+    lx = p0 * Rb[0, 0] + p1 * Rb[1, 0] + p2 * Rb[2, 0]
+    ly = p0 * Rb[0, 1] + p1 * Rb[1, 1] + p2 * Rb[2, 1]
+    if not (lx >= 0 and lx <= size[0] and ly >= 0 and ly <= size[1]):
+        return False, 0.0, 0.0
+    return True, lx, ly
+
+
 @_jit
 def plane_albedo(xy, Jinv, offs, K, Rc, origin, Rb, tb, size, idx, levels):
     """Supersampled albedo (h, w, 3) float64 of a textured plane over an image window.
@@ -714,24 +741,9 @@ def plane_albedo(xy, Jinv, offs, K, Rc, origin, Rb, tb, size, idx, levels):
                 ddy = offs[ky] / K[1, 1]
                 for kx in (0, ns - 1):
                     ddx = (offs[kx] - K[0, 1] * ddy) / K[0, 0]
-                    x = xy[iy, ix, 0] + Jinv[iy, ix, 0, 0] * ddx + Jinv[iy, ix, 0, 1] * ddy
-                    y = xy[iy, ix, 1] + Jinv[iy, ix, 1, 0] * ddx + Jinv[iy, ix, 1, 1] * ddy
-                    d0 = Rc[0, 0] * x + Rc[0, 1] * y + Rc[0, 2]
-                    d1 = Rc[1, 0] * x + Rc[1, 1] * y + Rc[1, 2]
-                    d2 = Rc[2, 0] * x + Rc[2, 1] * y + Rc[2, 2]
-                    dn = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
-                    d0, d1, d2 = d0 / dn, d1 / dn, d2 / dn
-                    den = d0 * z0 + d1 * z1 + d2 * z2
-                    s = tz / den if den > 1e-9 else -1.0
-                    if not s > 0:
-                        uni = False
-                        break
-                    p0 = origin[0] + s * d0 - tb[0]
-                    p1 = origin[1] + s * d1 - tb[1]
-                    p2 = origin[2] + s * d2 - tb[2]
-                    lx = p0 * Rb[0, 0] + p1 * Rb[1, 0] + p2 * Rb[2, 0]
-                    ly = p0 * Rb[0, 1] + p1 * Rb[1, 1] + p2 * Rb[2, 1]
-                    if not (lx >= 0 and lx <= size[0] and ly >= 0 and ly <= size[1]):
+                    hit, lx, ly = _plane_hit(xy, Jinv, iy, ix, ddx, ddy, Rc, origin, Rb, tb,
+                                             z0, z1, z2, tz, size)
+                    if not hit:
                         uni = False
                         break
                     fx = int(math.floor(lx * sx - 0.5))
@@ -763,25 +775,9 @@ def plane_albedo(xy, Jinv, offs, K, Rc, origin, Rb, tb, size, idx, levels):
                 ddy = offs[ky] / K[1, 1]
                 for kx in range(ns):
                     ddx = (offs[kx] - K[0, 1] * ddy) / K[0, 0]
-                    x = xy[iy, ix, 0] + Jinv[iy, ix, 0, 0] * ddx + Jinv[iy, ix, 0, 1] * ddy
-                    y = xy[iy, ix, 1] + Jinv[iy, ix, 1, 0] * ddx + Jinv[iy, ix, 1, 1] * ddy
-                    d0 = Rc[0, 0] * x + Rc[0, 1] * y + Rc[0, 2]
-                    d1 = Rc[1, 0] * x + Rc[1, 1] * y + Rc[1, 2]
-                    d2 = Rc[2, 0] * x + Rc[2, 1] * y + Rc[2, 2]
-                    dn = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
-                    d0, d1, d2 = d0 / dn, d1 / dn, d2 / dn
-                    den = d0 * z0 + d1 * z1 + d2 * z2
-                    if not den > 1e-9:
-                        continue
-                    s = tz / den
-                    if not s > 0:
-                        continue
-                    p0 = origin[0] + s * d0 - tb[0]
-                    p1 = origin[1] + s * d1 - tb[1]
-                    p2 = origin[2] + s * d2 - tb[2]
-                    lx = p0 * Rb[0, 0] + p1 * Rb[1, 0] + p2 * Rb[2, 0]
-                    ly = p0 * Rb[0, 1] + p1 * Rb[1, 1] + p2 * Rb[2, 1]
-                    if not (lx >= 0 and lx <= size[0] and ly >= 0 and ly <= size[1]):
+                    hit, lx, ly = _plane_hit(xy, Jinv, iy, ix, ddx, ddy, Rc, origin, Rb, tb,
+                                             z0, z1, z2, tz, size)
+                    if not hit:
                         continue
                     mx = lx * sx - 0.5
                     my = ly * sy - 0.5
